@@ -93,6 +93,9 @@ func ParseFloat(b []byte) (float64, error) {
 	if !isDecimalFloat(b) {
 		return 0, valueError("float", b)
 	}
+	if n := len(b); n >= 3 && equalFold(b[n-3:], "nan") {
+		return math.NaN(), nil // strconv refuses a signed NaN
+	}
 	f, err := strconv.ParseFloat(string(b), 64)
 	if err != nil {
 		if ne, ok := err.(*strconv.NumError); ok && ne.Err == strconv.ErrRange {
