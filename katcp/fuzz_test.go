@@ -90,8 +90,8 @@ func FuzzRoundTrip(f *testing.F) {
 	})
 }
 
-// resultOf summarises a ReadMessage result for comparison.
-type result struct {
+// readResult summarises a ReadMessage readResult for comparison.
+type readResult struct {
 	msg    string
 	err    error
 	offset int64
@@ -99,21 +99,21 @@ type result struct {
 	line   string
 }
 
-func readResults(r *Reader, limit int) []result {
-	var out []result
+func readResults(r *Reader, limit int) []readResult {
+	var out []readResult
 	for range limit {
 		m, err := r.ReadMessage()
 		if err == io.EOF {
 			break
 		}
-		var res result
+		var res readResult
 		var pe *ParseError
 		if errors.As(err, &pe) {
-			res = result{err: pe.Err, offset: pe.Offset, column: pe.Column, line: string(pe.Line)}
+			res = readResult{err: pe.Err, offset: pe.Offset, column: pe.Column, line: string(pe.Line)}
 		} else if err != nil {
-			res = result{err: err}
+			res = readResult{err: err}
 		} else {
-			res = result{msg: m.String()}
+			res = readResult{msg: m.String()}
 		}
 		out = append(out, res)
 	}
@@ -159,7 +159,7 @@ func FuzzChunks(f *testing.F) {
 		}
 		for i := range got {
 			if got[i] != want[i] {
-				t.Fatalf("result %d: chunked %+v, whole %+v", i, got[i], want[i])
+				t.Fatalf("readResult %d: chunked %+v, whole %+v", i, got[i], want[i])
 			}
 		}
 	})

@@ -360,3 +360,80 @@ func ParseAddress(b []byte) (Address, error) {
 	}
 	return a, nil
 }
+
+// DecodeArgs decodes args into the values dst points to, in order, with the
+// strict parsers of this package. Supported targets: *[]byte (a copy),
+// *string, *int, *int64, *int32, *uint16, *float64, *bool, *time.Time (v5
+// seconds), *time.Duration (seconds), *Address, *Status, *Strategy,
+// *SensorType and *ProtocolVersion. Fewer args than targets is an error;
+// extra args are left alone. Errors name the argument's position (from 1).
+func DecodeArgs(args [][]byte, dst ...any) error {
+	if len(args) < len(dst) {
+		return fmt.Errorf("%w: want at least %d arguments, got %d", ErrBadValue, len(dst), len(args))
+	}
+	for i, d := range dst {
+		if err := decodeArg(args[i], d); err != nil {
+			return fmt.Errorf("argument %d: %w", i+1, err)
+		}
+	}
+	return nil
+}
+
+func decodeArg(b []byte, dst any) error {
+	var err error
+	switch d := dst.(type) {
+	case *[]byte:
+		*d = append([]byte(nil), b...)
+	case *string:
+		*d = string(b)
+	case *int:
+		var n int64
+		n, err = ParseInt(b)
+		if err == nil && (n < math.MinInt || n > math.MaxInt) {
+			err = valueError("integer", b)
+		}
+		*d = int(n)
+	case *int64:
+		*d, err = ParseInt(b)
+	case *int32:
+		var n int64
+		n, err = ParseInt(b)
+		if err == nil && (n < math.MinInt32 || n > math.MaxInt32) {
+			err = valueError("integer", b)
+		}
+		*d = int32(n)
+	case *uint16:
+		var n int64
+		n, err = ParseInt(b)
+		if err == nil && (n < 0 || n > math.MaxUint16) {
+			err = valueError("integer", b)
+		}
+		*d = uint16(n)
+	case *float64:
+		*d, err = ParseFloat(b)
+	case *bool:
+		*d, err = ParseBool(b)
+	case *time.Time:
+		*d, err = ParseTimestamp(b)
+	case *time.Duration:
+		var f float64
+		f, err = ParseFloat(b)
+		if err == nil && (math.IsNaN(f) || math.Abs(f) > math.MaxInt64/1e9) {
+			err = valueError("duration", b)
+		}
+		*d = time.Duration(f * 1e9)
+	case *Address:
+		*d, err = ParseAddress(b)
+	case *Status:
+		*d, err = ParseStatus(b)
+	case *Strategy:
+		*d, err = ParseStrategy(b)
+	case *SensorType:
+		*d, err = ParseSensorType(b)
+	case *ProtocolVersion:
+		*d, err = ParseProtocolVersion(b)
+	default:
+		return fmt.Errorf("%w: cannot decode into %T", ErrBadValue, dst)
+	}
+	return err
+}

@@ -1,0 +1,451 @@
+package katcp
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"time"
+)
+
+// clientConn is one TCP connection of a Client, with its read and write
+// loops. run creates it and shuts it down.
+type clientConn struct {
+	c  *Client
+	nc net.Conn
+	wg sync.WaitGroup // readLoop and writeLoop
+
+	negotiated chan struct{} // closed once the protocol is known (or refused)
+	negErr     error         // set before negotiated is closed
+	negOnce    sync.Once
+
+	done     chan struct{} // closed when the connection is finished
+	doneOnce sync.Once
+	err      error // why; set before done is closed
+
+	wmu     sync.Mutex // guards wbuf
+	wbuf    []byte
+	wsignal chan struct{} // wakes writeLoop
+
+	mu      sync.Mutex // guards the fields below
+	proto   ProtocolVersion
+	library string
+	device  string
+	roles   [][]byte
+	useMIDs bool
+	nextMID int
+	byMID   map[int]*call
+	byName  map[string][]*call // requests without mid, in send order per name; the head is on the wire
+	at      time.Time
+}
+
+func newClientConn(c *Client, nc net.Conn) *clientConn {
+	cc := &clientConn{
+		c:          c,
+		nc:         nc,
+		negotiated: make(chan struct{}),
+		done:       make(chan struct{}),
+		wsignal:    make(chan struct{}, 1),
+		byMID:      make(map[int]*call),
+		byName:     make(map[string][]*call),
+	}
+	cc.wg.Add(2)
+	go cc.readLoop()
+	go cc.writeLoop()
+	return cc
+}
+
+// fail marks the connection finished with err (the first cause wins) and
+// closes the socket, which stops both loops.
+func (cc *clientConn) fail(err error) {
+	cc.doneOnce.Do(func() {
+		cc.err = err
+		close(cc.done)
+		cc.nc.Close()
+	})
+}
+
+func (cc *clientConn) cause() error {
+	<-cc.done
+	return cc.err
+}
+
+// shutdown finishes the connection, waits for its loops and fails every
+// pending request.
+func (cc *clientConn) shutdown(err error) {
+	cc.fail(err)
+	cc.wg.Wait()
+	cc.negOnce.Do(func() { close(cc.negotiated) })
+	lost := cc.err
+	if !errors.Is(lost, ErrConnection) {
+		lost = fmt.Errorf("%w: %w", ErrConnectionLost, lost)
+	}
+	cc.mu.Lock()
+	calls := make([]*call, 0, len(cc.byMID))
+	for _, cl := range cc.byMID {
+		calls = append(calls, cl)
+	}
+	for _, q := range cc.byName {
+		calls = append(calls, q...)
+	}
+	cc.byMID, cc.byName = nil, nil
+	cc.mu.Unlock()
+	for _, cl := range calls {
+		cl.finish(nil, lost)
+	}
+}
+
+func (cc *clientConn) setProtocol(v ProtocolVersion) {
+	cc.mu.Lock()
+	cc.proto = v
+	cc.useMIDs = v.Major >= 5 && v.Has(FlagMessageIDs) && !cc.c.cfg.NoMIDs
+	cc.at = time.Now()
+	cc.mu.Unlock()
+	cc.negOnce.Do(func() { close(cc.negotiated) })
+}
+
+func (cc *clientConn) refuse(err error) {
+	cc.negOnce.Do(func() {
+		cc.negErr = err
+		close(cc.negotiated)
+	})
+}
+
+func (cc *clientConn) protocolInfo() ProtocolInfo {
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	return ProtocolInfo{Version: cc.proto, Library: cc.library, Device: cc.device, Roles: cc.roles, ConnectedAt: cc.at}
+}
+
+// send queues one message for writing.
+func (cc *clientConn) send(m *Message) error {
+	cc.wmu.Lock()
+	var err error
+	cc.wbuf, err = AppendMessage(cc.wbuf, m)
+	over := len(cc.wbuf) > cc.c.cfg.MaxWriteBuffer
+	cc.wmu.Unlock()
+	if err != nil {
+		return err
+	}
+	if over {
+		cc.fail(fmt.Errorf("%w: more than %d bytes waiting for the device", ErrWriteOverflow, cc.c.cfg.MaxWriteBuffer))
+		return ErrWriteOverflow
+	}
+	select {
+	case cc.wsignal <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+func (cc *clientConn) writeLoop() {
+	defer cc.wg.Done()
+	var out []byte
+	for {
+		select {
+		case <-cc.wsignal:
+		case <-cc.done:
+			return
+		}
+		cc.wmu.Lock()
+		out, cc.wbuf = cc.wbuf, out[:0]
+		cc.wmu.Unlock()
+		if len(out) == 0 {
+			continue
+		}
+		if _, err := cc.nc.Write(out); err != nil {
+			cc.fail(fmt.Errorf("%w: write: %w", ErrConnectionLost, err))
+			return
+		}
+		if cap(out) > 64<<10 {
+			out = nil // do not hold on to a burst's buffer
+		}
+	}
+}
+
+func (cc *clientConn) readLoop() {
+	defer cc.wg.Done()
+	c := cc.c
+	r := NewReaderSize(cc.nc, c.cfg.MaxLineLength)
+	for {
+		m, err := r.ReadMessage()
+		if err != nil {
+			var pe *ParseError
+			switch {
+			case errors.Is(err, ErrLineTooLong):
+				cc.fail(fmt.Errorf("%w: %w", ErrLineLimit, err))
+				return
+			case errors.As(err, &pe):
+				c.stats.parseErrors.Add(1)
+				c.log.Warn("katcp: malformed line from device", "err", err)
+				continue
+			}
+			cc.fail(fmt.Errorf("%w: read: %w", ErrConnectionLost, err))
+			return
+		}
+		switch m.Type {
+		case TypeReply:
+			cc.handleReply(&m)
+		case TypeInform:
+			cc.handleInform(&m)
+		case TypeRequest:
+			c.stats.deviceRequests.Add(1)
+			c.log.Warn("katcp: ignoring a request sent by the device", "name", m.Name)
+		}
+	}
+}
+
+// handleReply completes the matching request.
+func (cc *clientConn) handleReply(m *Message) {
+	cl := cc.popCall(m)
+	if cl == nil {
+		cc.c.stats.unexpectedReplies.Add(1)
+		cc.c.log.Warn("katcp: reply matches no request", "name", m.Name, "mid", m.MID)
+		return
+	}
+	if cl.abandoned() {
+		cc.c.stats.lateReplies.Add(1)
+		return
+	}
+	cl.finish(&Reply{Message: m.Clone()}, nil)
+}
+
+// popCall removes and returns the request a reply answers, and sends the
+// next queued request of the same name when mids are not in use.
+func (cc *clientConn) popCall(m *Message) *call {
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	if m.MID != 0 {
+		cl := cc.byMID[m.MID]
+		if cl == nil || cl.name != m.Name {
+			return nil
+		}
+		delete(cc.byMID, m.MID)
+		return cl
+	}
+	q := cc.byName[m.Name]
+	if len(q) == 0 {
+		return nil
+	}
+	cl := q[0]
+	q = q[1:]
+	if len(q) == 0 {
+		delete(cc.byName, m.Name)
+	} else {
+		cc.byName[m.Name] = q
+		cc.sendHeadLocked(q)
+	}
+	return cl
+}
+
+// sendHeadLocked writes the head of a per-name queue, skipping requests
+// abandoned before they were sent.
+func (cc *clientConn) sendHeadLocked(q []*call) {
+	for len(q) > 0 {
+		head := q[0]
+		if !head.abandoned() {
+			head.sent = true
+			if err := cc.send(&head.req); err != nil {
+				head.finish(nil, err)
+			}
+			return
+		}
+		q = q[1:]
+		if len(q) == 0 {
+			delete(cc.byName, head.name)
+		} else {
+			cc.byName[head.name] = q
+		}
+	}
+}
+
+// handleInform routes an inform to the request it belongs to, to the
+// protocol bookkeeping, and to the handlers.
+func (cc *clientConn) handleInform(m *Message) {
+	if cl := cc.findCall(m); cl != nil {
+		if !cl.abandoned() {
+			cl.inform(m)
+		}
+		return
+	}
+	switch m.Name {
+	case "version-connect":
+		cc.versionConnect(m)
+	case "version", "build-state":
+		cc.versionV4(m)
+	case "disconnect":
+		cc.c.log.Info("katcp device is disconnecting", "reason", m.Arg(0))
+	case "log":
+		cc.c.log.Debug("katcp device log", "level", m.Arg(0), "name", m.Arg(2), "message", m.Arg(3))
+	}
+	if !cc.c.events.pushInform(m.Clone()) {
+		cc.c.stats.droppedInforms.Add(1)
+	}
+}
+
+// findCall returns the pending request an inform belongs to: by mid, or
+// by name for informs without one (devices such as the C library omit the
+// mid on in-response informs).
+func (cc *clientConn) findCall(m *Message) *call {
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	if m.MID != 0 {
+		if cl := cc.byMID[m.MID]; cl != nil && cl.name == m.Name {
+			return cl
+		}
+		return nil
+	}
+	if q := cc.byName[m.Name]; len(q) > 0 && q[0].sent {
+		return q[0]
+	}
+	var found *call
+	for _, cl := range cc.byMID {
+		if cl.name == m.Name {
+			if found != nil {
+				return nil // ambiguous: several requests of that name in flight
+			}
+			found = cl
+		}
+	}
+	return found
+}
+
+func (cc *clientConn) versionConnect(m *Message) {
+	if len(m.Args) == 0 {
+		return
+	}
+	role := string(m.Args[0])
+	cc.mu.Lock()
+	cc.roles = append(cc.roles, joinArgs(m.Args))
+	switch role {
+	case "katcp-library":
+		cc.library = string(joinArgs(m.Args[1:]))
+	case "katcp-device":
+		cc.device = string(joinArgs(m.Args[1:]))
+	}
+	cc.mu.Unlock()
+	if role != "katcp-protocol" {
+		return
+	}
+	v, err := ParseProtocolVersion([]byte(m.Arg(1)))
+	switch {
+	case err != nil:
+		cc.refuse(fmt.Errorf("%w: %w", ErrNegotiation, err))
+	case v.Major != 5:
+		cc.refuse(fmt.Errorf("%w: unsupported KATCP protocol version %s (want 5.x, or a v4 device's #version)", ErrNegotiation, v))
+	default:
+		cc.setProtocol(v)
+	}
+}
+
+// versionV4 handles the informs a v4 device sends instead of
+// #version-connect.
+func (cc *clientConn) versionV4(m *Message) {
+	cc.mu.Lock()
+	if m.Name == "version" {
+		cc.library = string(joinArgs(m.Args))
+	} else {
+		cc.device = string(joinArgs(m.Args))
+	}
+	known := cc.proto.Major != 0
+	cc.mu.Unlock()
+	if !known {
+		cc.setProtocol(ProtocolVersion{Major: 4})
+	}
+}
+
+func joinArgs(args [][]byte) []byte {
+	var b []byte
+	for i, a := range args {
+		if i > 0 {
+			b = append(b, ' ')
+		}
+		b = append(b, a...)
+	}
+	return b
+}
+
+// roundTrip sends req and waits for its reply or ctx.
+func (cc *clientConn) roundTrip(ctx context.Context, req Message, stream func(Message)) (*Reply, error) {
+	cl, err := cc.start(req, stream)
+	if err != nil {
+		return nil, err
+	}
+	select {
+	case <-cl.done:
+	case <-ctx.Done():
+		cc.abandon(cl)
+	}
+	<-cl.done
+	if cl.err == nil && cl.reply == nil {
+		return nil, ctx.Err()
+	}
+	return cl.reply, cl.err
+}
+
+// start registers and sends a request.
+func (cc *clientConn) start(req Message, stream func(Message)) (*call, error) {
+	cl := newCall(req, stream)
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	if cc.byMID == nil {
+		return nil, cc.cause()
+	}
+	switch {
+	case req.MID != 0:
+		if !cc.useMIDs {
+			return nil, fmt.Errorf("%w: the device does not support message ids (protocol %s)", ErrBadMID, cc.proto)
+		}
+		if _, busy := cc.byMID[req.MID]; busy {
+			return nil, fmt.Errorf("%w: message id %d is in flight", ErrBadMID, req.MID)
+		}
+	case cc.useMIDs:
+		for {
+			cc.nextMID = cc.nextMID%MaxMID + 1
+			if _, busy := cc.byMID[cc.nextMID]; !busy {
+				break
+			}
+		}
+		cl.req.MID = cc.nextMID
+	}
+	if cl.req.MID != 0 {
+		cc.byMID[cl.req.MID] = cl
+		cl.sent = true
+		if err := cc.send(&cl.req); err != nil {
+			delete(cc.byMID, cl.req.MID)
+			return nil, err
+		}
+		return cl, nil
+	}
+	// Without ids, one request per name is on the wire at a time, so that
+	// replies match by name even when the device answers out of order.
+	q := append(cc.byName[req.Name], cl)
+	cc.byName[req.Name] = q
+	if len(q) == 1 {
+		cl.sent = true
+		if err := cc.send(&cl.req); err != nil {
+			delete(cc.byName, req.Name)
+			return nil, err
+		}
+	}
+	return cl, nil
+}
+
+// abandon gives up on a request whose caller has gone. A request still
+// queued is dropped; one on the wire stays registered so that its late
+// reply is recognised and dropped, never taken for another request's.
+func (cc *clientConn) abandon(cl *call) {
+	cc.mu.Lock()
+	if cc.byName != nil && !cl.sent && cl.req.MID == 0 {
+		q := cc.byName[cl.name]
+		for i, x := range q {
+			if x == cl {
+				cc.byName[cl.name] = append(q[:i:i], q[i+1:]...)
+				break
+			}
+		}
+	}
+	cc.mu.Unlock()
+	cl.finish(nil, nil)
+}

@@ -1,0 +1,195 @@
+package katcp
+
+import (
+	"fmt"
+	"sync"
+)
+
+type eventKind uint8
+
+const (
+	evInform eventKind = iota
+	evConnected
+	evDisconnected
+	evFailed
+)
+
+type event struct {
+	kind eventKind
+	msg  Message
+	info ProtocolInfo
+	err  error
+}
+
+// eventQueue is the bounded queue between the read loop (and run) and the
+// dispatch goroutine. Informs beyond the bound are refused; connection
+// events always get in, so that callbacks see every state change.
+type eventQueue struct {
+	mu     sync.Mutex
+	items  []event
+	max    int
+	closed bool
+	signal chan struct{}
+}
+
+func newEventQueue(max int) *eventQueue {
+	return &eventQueue{max: max, signal: make(chan struct{}, 1)}
+}
+
+func (q *eventQueue) push(e event, bounded bool) bool {
+	q.mu.Lock()
+	if q.closed || (bounded && len(q.items) >= q.max) {
+		q.mu.Unlock()
+		return false
+	}
+	q.items = append(q.items, e)
+	q.mu.Unlock()
+	select {
+	case q.signal <- struct{}{}:
+	default:
+	}
+	return true
+}
+
+func (q *eventQueue) pushInform(m Message) bool { return q.push(event{kind: evInform, msg: m}, true) }
+func (q *eventQueue) pushEvent(e event)         { q.push(e, false) }
+
+// close lets the consumer drain what is queued and then stop.
+func (q *eventQueue) close() {
+	q.mu.Lock()
+	q.closed = true
+	q.mu.Unlock()
+	select {
+	case q.signal <- struct{}{}:
+	default:
+	}
+}
+
+// take waits for a batch of events; ok is false once the queue is closed
+// and drained.
+func (q *eventQueue) take(buf []event) ([]event, bool) {
+	for {
+		q.mu.Lock()
+		if len(q.items) > 0 {
+			buf = append(buf[:0], q.items...)
+			clear(q.items)
+			q.items = q.items[:0]
+			q.mu.Unlock()
+			return buf, true
+		}
+		closed := q.closed
+		q.mu.Unlock()
+		if closed {
+			return buf[:0], false
+		}
+		<-q.signal
+	}
+}
+
+// informHandler is one registered handler.
+type informHandler struct {
+	id uint64
+	h  func(Message)
+}
+
+// HandleInform registers h for asynchronous informs named name and returns
+// a function that removes it. Handlers run one at a time, in arrival
+// order, on the client's dispatch goroutine, never on the read loop; a
+// slow handler delays the others, and informs beyond ClientConfig.
+// InformQueue are dropped and counted. The client's own handling of
+// #version-connect, #version, #build-state, #disconnect and #log happens
+// whether or not handlers are registered for them. The Message belongs to
+// the handler.
+func (c *Client) HandleInform(name string, h func(Message)) (remove func()) {
+	c.mu.Lock()
+	c.handlerSeq++
+	e := &informHandler{id: c.handlerSeq, h: h}
+	c.handlers[name] = append(c.handlers[name], e)
+	c.mu.Unlock()
+	return func() {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		hs := c.handlers[name]
+		for i, x := range hs {
+			if x == e {
+				c.handlers[name] = append(hs[:i:i], hs[i+1:]...)
+				break
+			}
+		}
+		if len(c.handlers[name]) == 0 {
+			delete(c.handlers, name)
+		}
+	}
+}
+
+// HandleUnhandled sets the handler for asynchronous informs that no
+// HandleInform handler takes (katcp-python's unhandled_inform). nil
+// removes it.
+func (c *Client) HandleUnhandled(h func(Message)) {
+	c.mu.Lock()
+	c.unhandled = h
+	c.mu.Unlock()
+}
+
+// builtinInform reports whether the client itself handles informs named
+// name, so that they are not "unhandled".
+func builtinInform(name string) bool {
+	switch name {
+	case "version-connect", "version", "build-state", "disconnect", "log":
+		return true
+	}
+	return false
+}
+
+// dispatch runs handlers and connection callbacks, in order.
+func (c *Client) dispatch() {
+	defer c.wg.Done()
+	var batch []event
+	var hs []*informHandler
+	for {
+		var ok bool
+		batch, ok = c.events.take(batch)
+		if !ok {
+			return
+		}
+		for i := range batch {
+			e := &batch[i]
+			switch e.kind {
+			case evInform:
+				c.mu.Lock()
+				hs = append(hs[:0], c.handlers[e.msg.Name]...)
+				fallback := c.unhandled
+				c.mu.Unlock()
+				if len(hs) == 0 && fallback != nil && !builtinInform(e.msg.Name) {
+					c.safely("unhandled inform", func() { fallback(e.msg) })
+				}
+				for _, h := range hs {
+					c.safely("inform handler", func() { h.h(e.msg) })
+				}
+			case evConnected:
+				if f := c.cfg.OnConnected; f != nil {
+					c.safely("OnConnected", func() { f(e.info) })
+				}
+			case evDisconnected:
+				if f := c.cfg.OnDisconnected; f != nil {
+					c.safely("OnDisconnected", func() { f(e.err) })
+				}
+			case evFailed:
+				if f := c.cfg.OnConnectFailed; f != nil {
+					c.safely("OnConnectFailed", func() { f(e.err) })
+				}
+			}
+			*e = event{}
+		}
+	}
+}
+
+// safely runs user code, logging a panic instead of dying.
+func (c *Client) safely(what string, f func()) {
+	defer func() {
+		if r := recover(); r != nil {
+			c.log.Error("katcp: panic in "+what, "panic", fmt.Sprint(r))
+		}
+	}()
+	f()
+}
