@@ -20,7 +20,7 @@ type fakeNet struct {
 	t     *testing.T
 	conns chan *fakeDevice
 	mu    sync.Mutex
-	fail  int       // refuse this many dials first
+	fail  int // refuse this many dials first
 	dials []time.Time
 }
 
