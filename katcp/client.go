@@ -166,6 +166,7 @@ type Client struct {
 	unhandled  func(Message)
 	hints      map[string]time.Duration
 	handlerSeq uint64
+	gen        uint64 // counts connections
 
 	stats struct {
 		lateReplies, unexpectedReplies, droppedInforms, deviceRequests, parseErrors, reconnects atomic.Uint64
@@ -322,6 +323,14 @@ func (c *Client) waitState(ctx context.Context, cond func() (bool, error)) error
 	}
 }
 
+// connState returns the connection generation, whether it is live, and a
+// channel closed at the next state change.
+func (c *Client) connState() (gen uint64, connected bool, changed <-chan struct{}) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.gen, c.conn != nil, c.changed
+}
+
 // notifyLocked wakes waiters; c.mu must be held.
 func (c *Client) notifyLocked() {
 	close(c.changed)
@@ -439,6 +448,7 @@ func (c *Client) serve(ctx context.Context, cc *clientConn) error {
 	info := cc.protocolInfo()
 	c.mu.Lock()
 	c.conn = cc
+	c.gen++
 	c.info = info
 	c.hints = nil
 	c.lastErr = nil

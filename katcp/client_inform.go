@@ -12,6 +12,7 @@ const (
 	evConnected
 	evDisconnected
 	evFailed
+	evFunc // internal: run fn in order with the handlers
 )
 
 type event struct {
@@ -19,6 +20,7 @@ type event struct {
 	msg  Message
 	info ProtocolInfo
 	err  error
+	fn   func()
 }
 
 // eventQueue is the bounded queue between the read loop (and run) and the
@@ -174,6 +176,8 @@ func (c *Client) dispatch() {
 				if f := c.cfg.OnDisconnected; f != nil {
 					c.safely("OnDisconnected", func() { f(e.err) })
 				}
+			case evFunc:
+				c.safely("sensor watcher", e.fn)
 			case evFailed:
 				if f := c.cfg.OnConnectFailed; f != nil {
 					c.safely("OnConnectFailed", func() { f(e.err) })
