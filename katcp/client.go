@@ -154,6 +154,9 @@ type Client struct {
 
 	// kick asks run to drop the current connection (Disconnect).
 	kick chan struct{}
+	// stoppedCh is closed when run has exited: after Close, or when a
+	// client without reconnection has lost its connection.
+	stoppedCh chan struct{}
 
 	mu         sync.Mutex // guards the fields below
 	conn       *clientConn
@@ -179,14 +182,15 @@ func NewClient(addr string, cfg ClientConfig) *Client {
 	cfg = cfg.withDefaults()
 	ctx, cancel := context.WithCancel(context.Background())
 	c := &Client{
-		addr:     addr,
-		cfg:      cfg,
-		log:      cfg.Logger.With("device", addr),
-		cancel:   cancel,
-		events:   newEventQueue(cfg.InformQueue),
-		kick:     make(chan struct{}, 1),
-		changed:  make(chan struct{}),
-		handlers: make(map[string][]*informHandler),
+		addr:      addr,
+		cfg:       cfg,
+		log:       cfg.Logger.With("device", addr),
+		cancel:    cancel,
+		events:    newEventQueue(cfg.InformQueue),
+		kick:      make(chan struct{}, 1),
+		stoppedCh: make(chan struct{}),
+		changed:   make(chan struct{}),
+		handlers:  make(map[string][]*informHandler),
 	}
 	c.wg.Add(2)
 	go c.run(ctx)
@@ -222,6 +226,25 @@ func (c *Client) Close() error {
 		c.wg.Wait()
 	})
 	return c.closeErr
+}
+
+// Stopped is closed once the client has stopped connecting: after Close,
+// or when a client with NoReconnect has lost its connection or failed to
+// connect. (katcp-python's until_stopped.)
+func (c *Client) Stopped() <-chan struct{} { return c.stoppedCh }
+
+// Send writes any message to the device without waiting for anything
+// (katcp-python's send_message). A request sent this way is not tracked:
+// its reply is counted as unexpected.
+func (c *Client) Send(m Message) error {
+	if err := m.Validate(); err != nil {
+		return err
+	}
+	cc, err := c.current()
+	if err != nil {
+		return err
+	}
+	return cc.send(&m)
 }
 
 // Disconnect drops the current connection, failing its pending requests
@@ -347,6 +370,7 @@ func (c *Client) run(ctx context.Context) {
 		c.notifyLocked()
 		c.mu.Unlock()
 		c.events.close()
+		close(c.stoppedCh)
 	}()
 	failures := 0
 	for connected := false; ; {

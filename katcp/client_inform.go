@@ -54,7 +54,7 @@ func (q *eventQueue) push(e event, bounded bool) bool {
 }
 
 func (q *eventQueue) pushInform(m Message) bool { return q.push(event{kind: evInform, msg: m}, true) }
-func (q *eventQueue) pushEvent(e event)         { q.push(e, false) }
+func (q *eventQueue) pushEvent(e event) bool    { return q.push(e, false) }
 
 // close lets the consumer drain what is queued and then stop.
 func (q *eventQueue) close() {

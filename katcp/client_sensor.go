@@ -156,6 +156,9 @@ type WatchConfig struct {
 	// selects them by ?sensor-list. Both may be set; neither means all.
 	Names  []string
 	Filter string
+	// Select, when set, further chooses among the listed sensors (like
+	// aiokatcp's SensorWatcher.filter).
+	Select func(SensorInfo) bool
 	// Strategy and Params are the sampling strategy applied to each
 	// sensor; the zero Strategy (none) means auto.
 	Strategy Strategy
@@ -302,21 +305,28 @@ func (w *SensorWatcher) notifyLocked() {
 	w.changed = make(chan struct{})
 }
 
-// setState records a state change and reports it on the dispatch goroutine.
+// setState records a state change. It goes through the client's dispatch
+// queue, so that it is seen after the informs that came before it: once
+// Synced, the initial readings have been delivered.
 func (w *SensorWatcher) setState(s SyncState, err error) {
-	w.mu.Lock()
-	if w.state == s {
+	apply := func() {
+		w.mu.Lock()
+		if w.state == s || w.state == WatchClosed {
+			w.mu.Unlock()
+			return
+		}
+		w.state = s
+		if err != nil || s != WatchClosed {
+			w.lastErr = err
+		}
+		w.notifyLocked()
 		w.mu.Unlock()
-		return
+		if f := w.cfg.OnSync; f != nil {
+			f(s)
+		}
 	}
-	w.state = s
-	if err != nil || s != WatchClosed {
-		w.lastErr = err
-	}
-	w.notifyLocked()
-	w.mu.Unlock()
-	if f := w.cfg.OnSync; f != nil {
-		w.c.events.pushEvent(event{kind: evFunc, fn: func() { f(s) }})
+	if s == WatchClosed || !w.c.events.pushEvent(event{kind: evFunc, fn: apply}) {
+		apply()
 	}
 }
 
@@ -445,6 +455,9 @@ func (w *SensorWatcher) sync(ctx context.Context) error {
 		for _, info := range list {
 			types[info.Name] = info
 		}
+	}
+	if w.cfg.Select != nil {
+		maps.DeleteFunc(types, func(_ string, info SensorInfo) bool { return !w.cfg.Select(info) })
 	}
 	w.mu.Lock()
 	w.types = types

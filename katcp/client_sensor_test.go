@@ -246,3 +246,59 @@ func formatAny(v any) string {
 	}
 	return "?"
 }
+
+func TestSensorWatcherSelectV4WithoutBulk(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c, d, _ := connect(t, ClientConfig{}, cLibraryV4Hello)
+		w := c.Watch(WatchConfig{Select: func(info SensorInfo) bool { return info.Type == SensorTimestamp }})
+		defer w.Close()
+		d.expect("?sensor-list\n")
+		d.send("#sensor-list t1 T \\@ timestamp\n#sensor-list n N \\@ integer\n#sensor-list t2 T \\@ timestamp\n!sensor-list ok 3\n")
+		d.expect("?sensor-sampling t1 auto\n")
+		d.send("#sensor-status 1700000000000 1 t1 nominal 1700000000500\n!sensor-sampling ok t1 auto\n")
+		d.expect("?sensor-sampling t2 auto\n")
+		d.send("!sensor-sampling ok t2 auto\n")
+		if err := w.WaitSynced(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		u, ok := w.Last("t1")
+		if !ok || u.Value != time.Unix(1700000000, 5e8).UTC() || !u.Timestamp.Equal(time.Unix(1700000000, 0)) {
+			t.Errorf("Last(t1) = %+v", u)
+		}
+		if n := len(w.Sensors()); n != 2 {
+			t.Errorf("watching %d sensors, want 2", n)
+		}
+		// v4 ?sensor-value readings are in milliseconds too.
+		ch := make(chan Reading, 1)
+		go func() {
+			r, _ := c.SensorValue(context.Background(), "n")
+			ch <- r
+		}()
+		d.expect("?sensor-value n\n")
+		d.send("#sensor-value 1700000000250 1 n nominal 3\n!sensor-value ok 1\n")
+		if r := <-ch; !r.Timestamp.Equal(time.Unix(1700000000, 25e7)) {
+			t.Errorf("v4 reading = %+v", r)
+		}
+	})
+}
+
+func TestClientSendAndStopped(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c, d, _ := connect(t, ClientConfig{NoReconnect: true}, aiokatcpHello)
+		m, _ := NewInform("note", "hi there")
+		if err := c.Send(m); err != nil {
+			t.Fatal(err)
+		}
+		d.expect("#note hi\\_there\n")
+		if err := c.Send(Message{Type: TypeReply, Name: "bad name"}); !errors.Is(err, ErrBadName) {
+			t.Errorf("Send invalid: %v", err)
+		}
+		select {
+		case <-c.Stopped():
+			t.Fatal("stopped while connected")
+		default:
+		}
+		d.conn.Close()
+		<-c.Stopped()
+	})
+}

@@ -491,6 +491,7 @@ func TestClientInformQueueOverflow(t *testing.T) {
 			<-release
 			n++
 		})
+		synctest.Wait() // the hello and the connection event are handled
 		d.send("#x\n")
 		synctest.Wait() // the handler holds the first
 		d.send("#x\n#x\n#x\n#x\n")
