@@ -27,6 +27,19 @@
 // Arguments are bytes: nothing in the package assumes UTF-8, and non-UTF-8
 // bytes pass through untouched.
 //
-// Values of the codec's types are safe to share once built; a Reader is
-// used by one goroutine at a time.
+// # Client
+//
+// Client talks to one device: NewClient or Dial, then Request (typed
+// *ReplyError for fail and invalid, ErrConnection for connection problems),
+// RequestRaw, RequestStream and Go; HandleInform for asynchronous informs;
+// SensorList, SensorValues, SetSampling and Watch for sensors. It
+// reconnects with backoff, uses message ids when the device has them, and
+// runs user callbacks off its read loop. README.md in this directory maps
+// the aiokatcp and katcp-python client APIs onto it.
+//
+// # Concurrency
+//
+// A Client is safe for concurrent use by many goroutines, and so is a
+// SensorWatcher. Values of the codec's types are safe to share once built;
+// a Reader is used by one goroutine at a time.
 package katcp
