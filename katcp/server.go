@@ -235,6 +235,13 @@ func (s *Server) RemoveRequest(name string) {
 	}
 }
 
+// ClientCount returns how many clients are connected.
+func (s *Server) ClientCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.conns)
+}
+
 // SlowClientDisconnects counts clients dropped for falling behind.
 func (s *Server) SlowClientDisconnects() uint64 { return s.disconnects.Load() }
 
