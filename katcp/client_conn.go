@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"runtime"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -24,9 +26,12 @@ type clientConn struct {
 	doneOnce sync.Once
 	err      error // why; set before done is closed
 
-	wmu     sync.Mutex // guards wbuf
+	wmu     sync.Mutex // guards wbuf and writing
 	wbuf    []byte
+	writing bool          // a goroutine is writing to nc (one at a time)
+	stall   stallDeadline // used by the writing goroutine
 	wsignal chan struct{} // wakes writeLoop
+	active  atomic.Int32  // synchronous requests waiting for replies
 
 	mu      sync.Mutex // guards the fields below
 	proto   ProtocolVersion
@@ -120,6 +125,11 @@ func (cc *clientConn) protocolInfo() ProtocolInfo {
 
 // send queues one message for writing.
 func (cc *clientConn) send(m *Message) error {
+	return cc.queue(m, true)
+}
+
+// queue appends m to the write buffer and, if wake, wakes the write loop.
+func (cc *clientConn) queue(m *Message, wake bool) error {
 	cc.wmu.Lock()
 	var err error
 	cc.wbuf, err = AppendMessage(cc.wbuf, m)
@@ -132,9 +142,11 @@ func (cc *clientConn) send(m *Message) error {
 		cc.fail(fmt.Errorf("%w: more than %d bytes waiting for the device", ErrWriteOverflow, cc.c.cfg.MaxWriteBuffer))
 		return ErrWriteOverflow
 	}
-	select {
-	case cc.wsignal <- struct{}{}:
-	default:
+	if wake {
+		select {
+		case cc.wsignal <- struct{}{}:
+		default:
+		}
 	}
 	return nil
 }
@@ -148,19 +160,63 @@ func (cc *clientConn) writeLoop() {
 		case <-cc.done:
 			return
 		}
-		cc.wmu.Lock()
-		out, cc.wbuf = cc.wbuf, out[:0]
-		cc.wmu.Unlock()
-		if len(out) == 0 {
-			continue
+		runtime.Gosched() // let concurrent requests join this write
+		for {
+			var ok bool
+			if out, ok = cc.take(out); !ok {
+				break
+			}
+			if !cc.write(out) {
+				return
+			}
+			if cap(out) > 64<<10 {
+				out = nil // do not hold on to a burst's buffer
+			}
 		}
-		if _, err := cc.nc.Write(out); err != nil {
-			cc.fail(fmt.Errorf("%w: write: %w", ErrConnectionLost, err))
-			return
-		}
-		if cap(out) > 64<<10 {
-			out = nil // do not hold on to a burst's buffer
-		}
+	}
+}
+
+// take claims the queued bytes unless they are empty or another goroutine
+// is writing.
+func (cc *clientConn) take(spare []byte) ([]byte, bool) {
+	cc.wmu.Lock()
+	defer cc.wmu.Unlock()
+	if cc.writing || len(cc.wbuf) == 0 {
+		return spare, false
+	}
+	cc.writing = true
+	out := cc.wbuf
+	cc.wbuf = spare[:0]
+	return out, true
+}
+
+// write writes claimed bytes; a device that accepts nothing for
+// writeStall is dropped. It reports success.
+func (cc *clientConn) write(out []byte) bool {
+	cc.stall.extend(cc.nc)
+	_, err := cc.nc.Write(out)
+	cc.wmu.Lock()
+	cc.writing = false
+	more := len(cc.wbuf) > 0
+	cc.wmu.Unlock()
+	if err != nil {
+		cc.fail(fmt.Errorf("%w: write: %w", ErrConnectionLost, err))
+		return false
+	}
+	_ = more
+	select { // waking the loop, even for nothing, measurably cuts the latency of lone requests
+	case cc.wsignal <- struct{}{}:
+	default:
+	}
+	return true
+}
+
+// flushDirect writes what is queued on the calling goroutine, unless
+// another write is in progress: a lone request then skips the hand-over
+// to the write loop.
+func (cc *clientConn) flushDirect() {
+	if out, ok := cc.take(nil); ok {
+		cc.write(out)
 	}
 }
 
@@ -368,9 +424,14 @@ func joinArgs(args [][]byte) []byte {
 
 // roundTrip sends req and waits for its reply or ctx.
 func (cc *clientConn) roundTrip(ctx context.Context, req Message, stream func(Message)) (*Reply, error) {
-	cl, err := cc.start(req, stream)
+	direct := cc.active.Add(1) == 1
+	defer cc.active.Add(-1)
+	cl, err := cc.start(req, stream, direct)
 	if err != nil {
 		return nil, err
+	}
+	if direct {
+		cc.flushDirect()
 	}
 	select {
 	case <-cl.done:
@@ -385,7 +446,9 @@ func (cc *clientConn) roundTrip(ctx context.Context, req Message, stream func(Me
 }
 
 // start registers and sends a request.
-func (cc *clientConn) start(req Message, stream func(Message)) (*call, error) {
+// With direct, the caller writes the request itself (flushDirect) after
+// start returns; otherwise the write loop does.
+func (cc *clientConn) start(req Message, stream func(Message), direct bool) (*call, error) {
 	cl := newCall(req, stream)
 	cc.mu.Lock()
 	defer cc.mu.Unlock()
@@ -412,7 +475,7 @@ func (cc *clientConn) start(req Message, stream func(Message)) (*call, error) {
 	if cl.req.MID != 0 {
 		cc.byMID[cl.req.MID] = cl
 		cl.sent = true
-		if err := cc.send(&cl.req); err != nil {
+		if err := cc.queue(&cl.req, !direct); err != nil {
 			delete(cc.byMID, cl.req.MID)
 			return nil, err
 		}
@@ -424,7 +487,7 @@ func (cc *clientConn) start(req Message, stream func(Message)) (*call, error) {
 	cc.byName[req.Name] = q
 	if len(q) == 1 {
 		cl.sent = true
-		if err := cc.send(&cl.req); err != nil {
+		if err := cc.queue(&cl.req, !direct); err != nil {
 			delete(cc.byName, req.Name)
 			return nil, err
 		}

@@ -218,7 +218,7 @@ func (c *Client) do(ctx context.Context, m Message, stream func(Message), check 
 }
 
 func (c *Client) streamTrip(ctx context.Context, cc *clientConn, m Message, onInform func(Message)) (*Reply, error) {
-	cl, err := cc.start(m, onInform)
+	cl, err := cc.start(m, onInform, false)
 	if err != nil {
 		return nil, err
 	}
@@ -298,7 +298,7 @@ func (c *Client) goMessage(ctx context.Context, m Message, check bool) *Call {
 	if _, ok := ctx.Deadline(); !ok {
 		ctx, cancel = context.WithTimeout(ctx, c.timeoutFor(m.Name))
 	}
-	cl, err := cc.start(m, nil)
+	cl, err := cc.start(m, nil, false)
 	if err != nil {
 		cancel()
 		return failedCall(fmt.Errorf("katcp: ?%s: %w", m.Name, err))

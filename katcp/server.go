@@ -161,16 +161,21 @@ type Server struct {
 	sensors *SensorSet
 	pending chan struct{} // semaphore: MaxPending
 
-	mu          sync.Mutex // guards the fields below
-	requests    map[string]*requestEntry
-	listeners   map[net.Listener]struct{}
-	conns       map[*serverConn]struct{}
-	shutting    bool
-	logLevel    LogLevel
-	ifaceTimer  *time.Timer
-	ifaceWhat   uint8 // 1 sensors, 2 requests
-	doneCh      chan struct{}
-	connWG      sync.WaitGroup
+	mu         sync.Mutex // guards the fields below
+	requests   map[string]*requestEntry
+	listeners  map[net.Listener]struct{}
+	conns      map[*serverConn]struct{}
+	shutting   bool
+	logLevel   LogLevel
+	ifaceTimer *time.Timer
+	ifaceWhat  uint8 // 1 sensors, 2 requests
+	doneCh     chan struct{}
+	connWG     sync.WaitGroup
+
+	jobs        chan job       // to idle workers
+	workerWG    sync.WaitGroup // workers
+	quit        chan struct{}  // closed when the last connection is gone: workers exit
+	quitOnce    sync.Once
 	disconnects atomic.Uint64
 }
 
@@ -187,6 +192,8 @@ func NewServer(cfg ServerConfig) *Server {
 		conns:     make(map[*serverConn]struct{}),
 		logLevel:  LogInfo,
 		doneCh:    make(chan struct{}),
+		jobs:      make(chan job),
+		quit:      make(chan struct{}),
 	}
 	s.addStandardRequests()
 	s.sensors.onChange = s.sensorChanged
@@ -407,6 +414,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		c.close("server shutting down")
 	}
 	s.connWG.Wait()
+	s.stopWorkers()
 	return err
 }
 
@@ -419,7 +427,47 @@ func (s *Server) Close() error {
 		c.close("server closed")
 	}
 	s.connWG.Wait()
+	s.stopWorkers()
 	return nil
+}
+
+// job is one request for a worker.
+type job struct {
+	c *serverConn
+	m *Message
+}
+
+// dispatch hands a request to an idle worker, or starts a new one.
+// Workers outlive their request so that their grown stacks are reused;
+// there are at most MaxPending of them, and they exit with the server.
+func (s *Server) dispatch(j job) {
+	select {
+	case s.jobs <- j:
+	default:
+		s.workerWG.Add(1)
+		go s.worker(j)
+	}
+}
+
+func (s *Server) worker(j job) {
+	defer s.workerWG.Done()
+	for {
+		s.handle(j.c.ctx, j.c, j.m)
+		j.c.active.Add(-1)
+		<-s.pending
+		j.c.handlers.Done()
+		j = job{}
+		select {
+		case j = <-s.jobs:
+		case <-s.quit:
+			return
+		}
+	}
+}
+
+func (s *Server) stopWorkers() {
+	s.quitOnce.Do(func() { close(s.quit) })
+	s.workerWG.Wait()
 }
 
 func (s *Server) beginShutdown() []*serverConn {
@@ -528,7 +576,7 @@ func (w *ReplyWriter) Respond(status string, args ...any) error {
 		w.conn.srv.log.Warn("katcp: handler replied twice", "request", w.name)
 		return ErrAlreadyReplied
 	}
-	return w.conn.send(&m)
+	return w.conn.sendReply(&m)
 }
 
 // sortedRequests returns the request names, sorted.

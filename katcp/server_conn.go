@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -22,12 +24,15 @@ type serverConn struct {
 	cancel context.CancelFunc
 
 	handlers sync.WaitGroup // running handlers
+	active   atomic.Int32   // requests being handled
 	seq      chan *Message  // Sequential mode: requests in order
 
 	wmu     sync.Mutex // guards the fields below
 	wbuf    []byte
-	closed  bool   // no more writes
-	slow    bool   // over the backlog limit: being disconnected
+	closed  bool // no more writes
+	slow    bool // over the backlog limit: being disconnected
+	writing bool // a goroutine is writing to nc (only one at a time)
+	stall   stallDeadline
 	reason  string // #disconnect reason, set by close
 	wsignal chan struct{}
 	wdone   chan struct{} // write loop exited
@@ -170,34 +175,118 @@ func (c *serverConn) v4Value(r *Reading) []byte {
 	return r.Value
 }
 
+// writeStall is how long a peer may refuse data before it is dropped.
+const writeStall = 30 * time.Second
+
+// stallDeadline keeps a connection's write deadline between writeStall/2
+// and writeStall ahead, moving it only when it has come within half of
+// that, so that most writes cost no deadline update. It is used by the
+// one goroutine writing at a time.
+type stallDeadline struct{ at time.Time }
+
+func (d *stallDeadline) extend(nc net.Conn) {
+	now := time.Now()
+	if d.at.Sub(now) < writeStall/2 {
+		d.at = now.Add(writeStall)
+		nc.SetWriteDeadline(d.at)
+	}
+}
+
 func (c *serverConn) writeLoop() {
 	defer close(c.wdone)
 	var out []byte
 	for {
 		c.wmu.Lock()
-		for len(c.wbuf) == 0 && !c.closed {
+		for c.writing || (len(c.wbuf) == 0 && !c.closed) {
 			c.wmu.Unlock()
 			<-c.wsignal
 			c.wmu.Lock()
 		}
-		if len(c.wbuf) == 0 && c.closed {
+		if len(c.wbuf) == 0 { // closed and flushed
 			c.wmu.Unlock()
 			return
 		}
-		out, c.wbuf = c.wbuf, out[:0]
-		c.wmu.Unlock()
-		if _, err := c.nc.Write(out); err != nil {
+		if len(c.wbuf) < 4096 && !c.closed {
+			c.wmu.Unlock()
+			runtime.Gosched() // let concurrent replies join this write
 			c.wmu.Lock()
-			c.closed = true
-			c.wbuf = nil
-			c.wmu.Unlock()
-			c.nc.Close()
-			return
+			if c.writing {
+				c.wmu.Unlock()
+				continue
+			}
 		}
+		out = c.takeLocked(out)
+		c.wmu.Unlock()
+		err := c.write(out)
 		if cap(out) > 256<<10 {
 			out = nil
 		}
+		if c.wrote(err) {
+			return
+		}
 	}
+}
+
+// takeLocked claims the queued bytes for writing; c.wmu is held.
+func (c *serverConn) takeLocked(spare []byte) []byte {
+	c.writing = true
+	out := c.wbuf
+	c.wbuf = spare[:0]
+	return out
+}
+
+// write writes out with the stall deadline (close sets its own).
+func (c *serverConn) write(out []byte) error {
+	c.wmu.Lock()
+	closed := c.closed
+	c.wmu.Unlock()
+	if !closed {
+		c.stall.extend(c.nc)
+	}
+	_, err := c.nc.Write(out)
+	return err
+}
+
+// wrote ends a write; on error the connection is finished. It reports
+// whether the write loop should stop.
+func (c *serverConn) wrote(err error) bool {
+	c.wmu.Lock()
+	c.writing = false
+	if err != nil {
+		c.closed = true
+		c.wbuf = nil
+	}
+	c.wmu.Unlock()
+	select {
+	case c.wsignal <- struct{}{}:
+	default:
+	}
+	if err != nil {
+		c.nc.Close()
+		return true
+	}
+	return false
+}
+
+// sendReply queues m and, when no write is in progress, writes it at once
+// on the calling goroutine (saving a hand-over to the write loop).
+func (c *serverConn) sendReply(m *Message) error {
+	c.wmu.Lock()
+	if c.closed || c.slow {
+		c.wmu.Unlock()
+		return net.ErrClosed
+	}
+	var err error
+	c.wbuf, err = AppendMessage(c.wbuf, m)
+	if err != nil || c.writing || len(c.wbuf) > 64<<10 || c.active.Load() > 1 {
+		// Busy: the write loop batches this with the other replies.
+		return c.queuedLocked(err)
+	}
+	out := c.takeLocked(nil)
+	c.wmu.Unlock()
+	err = c.write(out)
+	c.wrote(err)
+	return err
 }
 
 // serve runs the connection until it ends.
@@ -212,6 +301,7 @@ func (c *serverConn) serve() {
 			defer close(seqDone)
 			for m := range c.seq {
 				s.handle(c.ctx, c, m)
+				c.active.Add(-1)
 				<-s.pending
 				c.handlers.Done()
 			}
@@ -273,15 +363,12 @@ func (c *serverConn) readLoop() {
 		default:
 		}
 		c.handlers.Add(1)
+		c.active.Add(1)
 		if c.seq != nil {
 			c.seq <- &msg
 			continue
 		}
-		go func() {
-			defer c.handlers.Done()
-			defer func() { <-s.pending }()
-			s.handle(c.ctx, c, &msg)
-		}()
+		s.dispatch(job{c: c, m: &msg})
 	}
 }
 

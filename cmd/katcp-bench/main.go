@@ -1,0 +1,62 @@
+// Command katcp-bench measures the project against its performance
+// targets, each as a ratio to a raw baseline measured in the same run, and
+// prints one table: row, baseline, ours, unit, ratio, target, met, spread.
+// It starts everything it needs on 127.0.0.1 and stops it.
+//
+//	katcp-bench [--duration 1s] [--repeats 3] [--rows katcp]
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+	"time"
+
+	"github.com/katcp-go/katcp-bridge/internal/bench"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	if err != nil {
+		if err != flag.ErrHelp {
+			fmt.Fprintln(os.Stderr, "katcp-bench:", err)
+		}
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("katcp-bench", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var o bench.Options
+	fs.DurationVar(&o.Duration, "duration", time.Second, "length of each measurement")
+	fs.IntVar(&o.Repeats, "repeats", 3, "measurements per figure (the median is reported)")
+	rowsFlag := fs.String("rows", "katcp", "comma-separated groups of rows: katcp")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	var rows []bench.Row
+	for _, g := range strings.Split(*rowsFlag, ",") {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		switch g {
+		case "katcp":
+			r, err := bench.KATCPRows(o)
+			if err != nil {
+				return fmt.Errorf("katcp rows: %w", err)
+			}
+			rows = append(rows, r...)
+		default:
+			return fmt.Errorf("unknown row group %q", g)
+		}
+	}
+	bench.Print(stdout, rows)
+	return nil
+}
