@@ -43,6 +43,9 @@ type clientConn struct {
 	byMID   map[int]*call
 	byName  map[string][]*call // requests without mid, in send order per name; the head is on the wire
 	at      time.Time
+
+	detected      *ProtocolVersion // owned by readLoop: negotiated, not yet announced
+	sinceDetected int              // owned by readLoop: messages read since
 }
 
 func newClientConn(c *Client, nc net.Conn) *clientConn {
@@ -249,6 +252,15 @@ func (cc *clientConn) readLoop() {
 			c.stats.deviceRequests.Add(1)
 			c.log.Warn("katcp: ignoring a request sent by the device", "name", m.Name)
 		}
+		if cc.detected != nil {
+			// The protocol became known; announce it once the informs that
+			// came with it (library, device) have been read too.
+			if cc.sinceDetected++; r.Buffered() == 0 || cc.sinceDetected > 16 {
+				v := *cc.detected
+				cc.detected = nil
+				cc.setProtocol(v)
+			}
+		}
 	}
 }
 
@@ -391,7 +403,7 @@ func (cc *clientConn) versionConnect(m *Message) {
 	case v.Major != 5:
 		cc.refuse(fmt.Errorf("%w: unsupported KATCP protocol version %s (want 5.x, or a v4 device's #version)", ErrNegotiation, v))
 	default:
-		cc.setProtocol(v)
+		cc.detected = &v
 	}
 }
 
@@ -404,10 +416,10 @@ func (cc *clientConn) versionV4(m *Message) {
 	} else {
 		cc.device = string(joinArgs(m.Args))
 	}
-	known := cc.proto.Major != 0
+	known := cc.proto.Major != 0 || cc.detected != nil
 	cc.mu.Unlock()
 	if !known {
-		cc.setProtocol(ProtocolVersion{Major: 4})
+		cc.detected = &ProtocolVersion{Major: 4}
 	}
 }
 

@@ -88,6 +88,10 @@ func NewReaderSize(rd io.Reader, maxLine int) *Reader {
 	return &Reader{rd: rd, maxLine: maxLine, names: make(map[string]string)}
 }
 
+// Buffered returns how many bytes have been read from the stream but not
+// yet returned as messages.
+func (r *Reader) Buffered() int { return r.end - r.start }
+
 // MaxLineLength returns the Reader's line limit.
 func (r *Reader) MaxLineLength() int { return r.maxLine }
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"runtime"
 	"strings"
 	"sync"
@@ -307,12 +308,15 @@ func (c *serverConn) serve() {
 			}
 		}()
 	}
-	c.readLoop()
+	gone := c.readLoop()
 	close(c.readDone)
 	select {
 	case <-c.stopRead:
 		// Shutdown: pending requests finish; Shutdown closes us.
 	default:
+		gone = true
+	}
+	if gone {
 		c.cancel() // the client went: handlers' contexts end
 	}
 	if c.seq != nil {
@@ -331,7 +335,9 @@ func (c *serverConn) serve() {
 	c.stopSamplers()
 }
 
-func (c *serverConn) readLoop() {
+// readLoop reads requests until the connection ends or Shutdown stops
+// it; it reports whether the client went away.
+func (c *serverConn) readLoop() (gone bool) {
 	s := c.srv
 	r := NewReaderSize(c.nc, s.cfg.MaxLineLength)
 	for {
@@ -343,7 +349,7 @@ func (c *serverConn) readLoop() {
 					pe.Offset, pe.Column, strings.TrimPrefix(pe.Err.Error(), "katcp: ")))
 				continue
 			}
-			return // EOF, closed, or read error
+			return !errors.Is(err, os.ErrDeadlineExceeded) // EOF or error: gone; deadline: Shutdown
 		}
 		if m.Type != TypeRequest {
 			continue // clients' informs and replies are ignored
@@ -352,14 +358,14 @@ func (c *serverConn) readLoop() {
 		select {
 		case s.pending <- struct{}{}: // back-pressure: wait for a slot
 		case <-c.stopRead:
-			return
+			return false
 		case <-c.ctx.Done():
-			return
+			return false
 		}
 		select {
 		case <-c.stopRead:
 			<-s.pending
-			return
+			return false
 		default:
 		}
 		c.handlers.Add(1)
