@@ -509,7 +509,7 @@ func (c *Client) loadTimeoutHints(ctx context.Context, cc *clientConn) {
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.RequestTimeout)
 	defer cancel()
 	m := Message{Type: TypeRequest, Name: "request-timeout-hint"}
-	r, err := cc.roundTrip(ctx, m, nil)
+	r, err := cc.roundTrip(ctx, m, 0)
 	if err == nil {
 		err = r.Err()
 	}

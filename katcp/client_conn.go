@@ -28,6 +28,7 @@ type clientConn struct {
 
 	wmu     sync.Mutex // guards wbuf and writing
 	wbuf    []byte
+	spare   []byte        // the other buffer, while not being written
 	writing bool          // a goroutine is writing to nc (one at a time)
 	stall   stallDeadline // used by the writing goroutine
 	wsignal chan struct{} // wakes writeLoop
@@ -43,6 +44,9 @@ type clientConn struct {
 	byMID   map[int]*call
 	byName  map[string][]*call // requests without mid, in send order per name; the head is on the wire
 	at      time.Time
+
+	tmu    sync.Mutex // guards timers
+	timers []*time.Timer
 
 	detected      *ProtocolVersion // owned by readLoop: negotiated, not yet announced
 	sinceDetected int              // owned by readLoop: messages read since
@@ -156,7 +160,6 @@ func (cc *clientConn) queue(m *Message, wake bool) error {
 
 func (cc *clientConn) writeLoop() {
 	defer cc.wg.Done()
-	var out []byte
 	for {
 		select {
 		case <-cc.wsignal:
@@ -165,15 +168,12 @@ func (cc *clientConn) writeLoop() {
 		}
 		runtime.Gosched() // let concurrent requests join this write
 		for {
-			var ok bool
-			if out, ok = cc.take(out); !ok {
+			out, ok := cc.take()
+			if !ok {
 				break
 			}
 			if !cc.write(out) {
 				return
-			}
-			if cap(out) > 64<<10 {
-				out = nil // do not hold on to a burst's buffer
 			}
 		}
 	}
@@ -181,15 +181,15 @@ func (cc *clientConn) writeLoop() {
 
 // take claims the queued bytes unless they are empty or another goroutine
 // is writing.
-func (cc *clientConn) take(spare []byte) ([]byte, bool) {
+func (cc *clientConn) take() ([]byte, bool) {
 	cc.wmu.Lock()
 	defer cc.wmu.Unlock()
 	if cc.writing || len(cc.wbuf) == 0 {
-		return spare, false
+		return nil, false
 	}
 	cc.writing = true
 	out := cc.wbuf
-	cc.wbuf = spare[:0]
+	cc.wbuf, cc.spare = cc.spare[:0], nil
 	return out, true
 }
 
@@ -200,6 +200,9 @@ func (cc *clientConn) write(out []byte) bool {
 	_, err := cc.nc.Write(out)
 	cc.wmu.Lock()
 	cc.writing = false
+	if cap(out) <= 64<<10 { // keep it for the next write, unless a burst grew it
+		cc.spare = out[:0]
+	}
 	more := len(cc.wbuf) > 0
 	cc.wmu.Unlock()
 	if err != nil {
@@ -218,7 +221,7 @@ func (cc *clientConn) write(out []byte) bool {
 // another write is in progress: a lone request then skips the hand-over
 // to the write loop.
 func (cc *clientConn) flushDirect() {
-	if out, ok := cc.take(nil); ok {
+	if out, ok := cc.take(); ok {
 		cc.write(out)
 	}
 }
@@ -435,24 +438,62 @@ func joinArgs(args [][]byte) []byte {
 }
 
 // roundTrip sends req and waits for its reply or ctx.
-func (cc *clientConn) roundTrip(ctx context.Context, req Message, stream func(Message)) (*Reply, error) {
+// getTimer returns a timer for d, recycled from this connection's (a
+// stopped timer can be reset safely). Timers stay with their connection,
+// as synctest bubbles require.
+func (cc *clientConn) getTimer(d time.Duration) *time.Timer {
+	cc.tmu.Lock()
+	if n := len(cc.timers); n > 0 {
+		t := cc.timers[n-1]
+		cc.timers = cc.timers[:n-1]
+		cc.tmu.Unlock()
+		t.Reset(d)
+		return t
+	}
+	cc.tmu.Unlock()
+	return time.NewTimer(d)
+}
+
+func (cc *clientConn) putTimer(t *time.Timer) {
+	t.Stop()
+	cc.tmu.Lock()
+	if len(cc.timers) < 256 {
+		cc.timers = append(cc.timers, t)
+	}
+	cc.tmu.Unlock()
+}
+
+// A positive timeout bounds the wait as well as ctx (it then fails with
+// context.DeadlineExceeded).
+func (cc *clientConn) roundTrip(ctx context.Context, req Message, timeout time.Duration) (*Reply, error) {
 	direct := cc.active.Add(1) == 1
 	defer cc.active.Add(-1)
-	cl, err := cc.start(req, stream, direct)
+	cl, err := cc.start(req, nil, direct)
 	if err != nil {
 		return nil, err
 	}
 	if direct {
 		cc.flushDirect()
 	}
+	var expired <-chan time.Time
+	if timeout > 0 {
+		t := cc.getTimer(timeout)
+		defer cc.putTimer(t)
+		expired = t.C
+	}
+	var why error
 	select {
 	case <-cl.done:
 	case <-ctx.Done():
+		why = ctx.Err()
+		cc.abandon(cl)
+	case <-expired:
+		why = context.DeadlineExceeded
 		cc.abandon(cl)
 	}
 	<-cl.done
 	if cl.err == nil && cl.reply == nil {
-		return nil, ctx.Err()
+		return nil, why
 	}
 	return cl.reply, cl.err
 }

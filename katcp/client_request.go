@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // Sentinels matched by *ReplyError.
@@ -195,17 +196,21 @@ func (c *Client) do(ctx context.Context, m Message, stream func(Message), check 
 	}
 	cc, err := c.current()
 	if err != nil {
-		return nil, fmt.Errorf("?%s: %w", m.Name, err)
+		return nil, fmt.Errorf("katcp: ?%s: %w", m.Name, err)
 	}
+	var timeout time.Duration // applied by roundTrip: cheaper than a context
 	if _, ok := ctx.Deadline(); !ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, c.timeoutFor(m.Name))
-		defer cancel()
+		timeout = c.timeoutFor(m.Name)
 	}
 	var r *Reply
 	if stream == nil {
-		r, err = cc.roundTrip(ctx, m, nil)
+		r, err = cc.roundTrip(ctx, m, timeout)
 	} else {
+		if timeout > 0 {
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithTimeout(ctx, timeout)
+			defer cancel()
+		}
 		r, err = c.streamTrip(ctx, cc, m, stream)
 	}
 	if err != nil {

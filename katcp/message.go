@@ -63,24 +63,42 @@ var (
 // an Address, a Status and the other types AppendArg documents. mid is 0 for
 // none or 1..MaxMID. All arguments share one allocation.
 func NewMessage(t Type, name string, mid int, args ...any) (Message, error) {
+	return newMessage(t, name, mid, "", args)
+}
+
+// newMessage is NewMessage with an optional first argument (a reply's
+// status) that saves the caller building a new argument list.
+func newMessage(t Type, name string, mid int, first string, args []any) (Message, error) {
 	m := Message{Type: t, Name: name, MID: mid}
 	if err := m.Validate(); err != nil {
 		return Message{}, err
 	}
-	if len(args) == 0 {
+	n := len(args)
+	if first != "" {
+		n++
+	}
+	if n == 0 {
 		return m, nil
 	}
-	var data []byte
-	ends := make([]int, len(args))
+	var endsBuf [16]int
+	ends := endsBuf[:0]
+	if n > len(endsBuf) {
+		ends = make([]int, 0, n)
+	}
+	data := make([]byte, 0, len(first)+8*len(args))
+	if first != "" {
+		data = append(data, first...)
+		ends = append(ends, len(data))
+	}
 	for i, a := range args {
 		var err error
 		data, err = AppendArg(data, a)
 		if err != nil {
 			return Message{}, fmt.Errorf("katcp: %s %s argument %d: %w", t, name, i+1, err)
 		}
-		ends[i] = len(data)
+		ends = append(ends, len(data))
 	}
-	m.Args = make([][]byte, len(args))
+	m.Args = make([][]byte, n)
 	start := 0
 	for i, end := range ends {
 		m.Args[i] = data[start:end:end]

@@ -493,8 +493,11 @@ func (s *Server) Done() <-chan struct{} { return s.doneCh }
 
 // handle runs one request's handler with the reply discipline.
 func (s *Server) handle(ctx context.Context, c *serverConn, m *Message) {
-	req := &Request{Message: *m, RemoteAddr: c.remote, v4: s.cfg.V4}
-	w := &ReplyWriter{conn: c, name: m.Name, mid: m.MID}
+	st := &struct { // one allocation for both
+		Request
+		ReplyWriter
+	}{Request{Message: *m, RemoteAddr: c.remote, v4: s.cfg.V4}, ReplyWriter{conn: c, name: m.Name, mid: m.MID}}
+	req, w := &st.Request, &st.ReplyWriter
 	s.mu.Lock()
 	e := s.requests[m.Name]
 	s.mu.Unlock()
@@ -568,7 +571,7 @@ func (w *ReplyWriter) Fail(reason string) error {
 // Respond sends a reply with any status. A second reply is refused with
 // ErrAlreadyReplied and logged.
 func (w *ReplyWriter) Respond(status string, args ...any) error {
-	m, err := NewMessage(TypeReply, w.name, w.mid, append([]any{status}, args...)...)
+	m, err := newMessage(TypeReply, w.name, w.mid, status, args)
 	if err != nil {
 		return err
 	}

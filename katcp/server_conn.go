@@ -30,9 +30,10 @@ type serverConn struct {
 
 	wmu     sync.Mutex // guards the fields below
 	wbuf    []byte
-	closed  bool // no more writes
-	slow    bool // over the backlog limit: being disconnected
-	writing bool // a goroutine is writing to nc (only one at a time)
+	spare   []byte // the other buffer, while not being written
+	closed  bool   // no more writes
+	slow    bool   // over the backlog limit: being disconnected
+	writing bool   // a goroutine is writing to nc (only one at a time)
 	stall   stallDeadline
 	reason  string // #disconnect reason, set by close
 	wsignal chan struct{}
@@ -195,7 +196,6 @@ func (d *stallDeadline) extend(nc net.Conn) {
 
 func (c *serverConn) writeLoop() {
 	defer close(c.wdone)
-	var out []byte
 	for {
 		c.wmu.Lock()
 		for c.writing || (len(c.wbuf) == 0 && !c.closed) {
@@ -216,23 +216,20 @@ func (c *serverConn) writeLoop() {
 				continue
 			}
 		}
-		out = c.takeLocked(out)
+		out := c.takeLocked()
 		c.wmu.Unlock()
 		err := c.write(out)
-		if cap(out) > 256<<10 {
-			out = nil
-		}
-		if c.wrote(err) {
+		if c.wrote(out, err) {
 			return
 		}
 	}
 }
 
 // takeLocked claims the queued bytes for writing; c.wmu is held.
-func (c *serverConn) takeLocked(spare []byte) []byte {
+func (c *serverConn) takeLocked() []byte {
 	c.writing = true
 	out := c.wbuf
-	c.wbuf = spare[:0]
+	c.wbuf, c.spare = c.spare[:0], nil
 	return out
 }
 
@@ -250,9 +247,12 @@ func (c *serverConn) write(out []byte) error {
 
 // wrote ends a write; on error the connection is finished. It reports
 // whether the write loop should stop.
-func (c *serverConn) wrote(err error) bool {
+func (c *serverConn) wrote(out []byte, err error) bool {
 	c.wmu.Lock()
 	c.writing = false
+	if cap(out) <= 256<<10 { // keep it for the next write, unless a burst grew it
+		c.spare = out[:0]
+	}
 	if err != nil {
 		c.closed = true
 		c.wbuf = nil
@@ -283,10 +283,10 @@ func (c *serverConn) sendReply(m *Message) error {
 		// Busy: the write loop batches this with the other replies.
 		return c.queuedLocked(err)
 	}
-	out := c.takeLocked(nil)
+	out := c.takeLocked()
 	c.wmu.Unlock()
 	err = c.write(out)
-	c.wrote(err)
+	c.wrote(out, err)
 	return err
 }
 
