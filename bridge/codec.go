@@ -1,0 +1,212 @@
+package bridge
+
+import (
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"time"
+	"unicode/utf8"
+
+	"github.com/katcp-go/katcp-bridge/katcp"
+)
+
+// Headers of the contract (see the package documentation).
+const (
+	HeaderStatus      = "Katcp-Status"       // ok, fail, invalid, ...: the device answered
+	HeaderSource      = "Katcp-Error-Source" // "bridge" or "device" on failures
+	HeaderTimeout     = "Katcp-Timeout"      // request: seconds the caller will wait
+	HeaderMore        = "Katcp-More"         // reply chunk: more chunks follow
+	HeaderAccept      = "Accept"
+	HeaderContentType = "Content-Type"
+	HeaderErrorText   = "Nats-Service-Error"
+	HeaderErrorCode   = "Nats-Service-Error-Code"
+	ContentJSON       = "application/json"
+)
+
+// errBadBody is wrapped by body decoding errors.
+var errBadBody = errors.New("malformed request body")
+
+// DecodeArgs decodes a request body: the KATCP arguments as they would
+// follow the request name on the wire (escaped, separated by spaces), or,
+// with JSON, an array whose elements are strings or {"base64": "..."}
+// objects for bytes that are not UTF-8.
+func DecodeArgs(body []byte, isJSON bool) ([][]byte, error) {
+	if isJSON {
+		if len(body) == 0 {
+			return nil, nil
+		}
+		var raw []json.RawMessage
+		if err := json.Unmarshal(body, &raw); err != nil {
+			return nil, fmt.Errorf("%w: want a JSON array: %v", errBadBody, err)
+		}
+		args := make([][]byte, len(raw))
+		for i, r := range raw {
+			a, err := decodeJSONArg(r)
+			if err != nil {
+				return nil, fmt.Errorf("%w: element %d: %v", errBadBody, i, err)
+			}
+			args[i] = a
+		}
+		return args, nil
+	}
+	line := make([]byte, 0, len(body)+3)
+	line = append(line, "?x "...)
+	line = append(line, body...)
+	m, err := katcp.ParseMessage(line)
+	if err != nil {
+		var pe *katcp.ParseError
+		if errors.As(err, &pe) {
+			return nil, fmt.Errorf("%w: %v at byte %d", errBadBody, pe.Err, max(pe.Column-3, 0))
+		}
+		return nil, fmt.Errorf("%w: %v", errBadBody, err)
+	}
+	return m.Args, nil
+}
+
+func decodeJSONArg(r json.RawMessage) ([]byte, error) {
+	var s string
+	if err := json.Unmarshal(r, &s); err == nil {
+		return []byte(s), nil
+	}
+	var n json.Number
+	if err := json.Unmarshal(r, &n); err == nil {
+		return []byte(n.String()), nil
+	}
+	var b struct {
+		Base64 *string `json:"base64"`
+	}
+	if err := json.Unmarshal(r, &b); err == nil && b.Base64 != nil {
+		return base64.StdEncoding.DecodeString(*b.Base64)
+	}
+	return nil, errors.New(`want a string, a number or {"base64": "..."}`)
+}
+
+// EncodeArgs encodes arguments as a request body in wire form.
+func EncodeArgs(args [][]byte) []byte {
+	var b []byte
+	for i, a := range args {
+		if i > 0 {
+			b = append(b, ' ')
+		}
+		b = katcp.AppendEscaped(b, a)
+	}
+	return b
+}
+
+// jsonArg is an argument in JSON: a string when it is UTF-8, else its
+// bytes in base64.
+type jsonArg []byte
+
+func (a jsonArg) MarshalJSON() ([]byte, error) {
+	if utf8.Valid(a) {
+		return json.Marshal(string(a))
+	}
+	return json.Marshal(map[string]string{"base64": base64.StdEncoding.EncodeToString(a)})
+}
+
+func (a *jsonArg) UnmarshalJSON(b []byte) error {
+	v, err := decodeJSONArg(b)
+	*a = v
+	return err
+}
+
+// JSONReply is a reply in JSON (Accept: application/json).
+type JSONReply struct {
+	Status  string      `json:"status"`
+	Args    []jsonArg   `json:"args"`    // after the status
+	Informs [][]jsonArg `json:"informs"` // in-response informs' arguments
+}
+
+func toJSONArgs(args [][]byte) []jsonArg {
+	out := make([]jsonArg, len(args))
+	for i, a := range args {
+		out[i] = a
+	}
+	return out
+}
+
+// encodeReply renders a device's reply (and its in-response informs) as
+// the reply body: KATCP lines without message ids, or JSON.
+func encodeReply(r *katcp.Reply, asJSON bool) ([]byte, error) {
+	if asJSON {
+		j := JSONReply{Status: r.Status(), Args: toJSONArgs(r.Values()), Informs: make([][]jsonArg, len(r.Informs))}
+		for i, inf := range r.Informs {
+			j.Informs[i] = toJSONArgs(inf.Args)
+		}
+		return json.Marshal(j)
+	}
+	var b []byte
+	for i := range r.Informs {
+		m := r.Informs[i]
+		m.MID = 0
+		b, _ = katcp.AppendMessage(b, &m)
+	}
+	m := r.Message
+	m.MID = 0
+	b, _ = katcp.AppendMessage(b, &m)
+	return b, nil
+}
+
+// SensorUpdate is the JSON document published for each sensor update.
+type SensorUpdate struct {
+	Device    string  `json:"device"`
+	Name      string  `json:"name"`
+	Type      string  `json:"type"`
+	Timestamp float64 `json:"timestamp"` // seconds since the Unix epoch
+	Status    string  `json:"status"`
+	// Value is typed by the sensor's type: a number (integer, float; NaN
+	// and infinities as the strings "nan", "inf", "-inf"), a boolean, a
+	// string (discrete, lru, address, and string sensors whose bytes are
+	// UTF-8), {"base64": "..."} for other string values, seconds for a
+	// timestamp; null when the status carries no value.
+	Value any `json:"value"`
+}
+
+// sensorDocument builds the published document for a watcher update.
+func sensorDocument(device string, u katcp.SensorUpdate) SensorUpdate {
+	doc := SensorUpdate{
+		Device:    device,
+		Name:      u.Name,
+		Type:      u.Type.String(),
+		Timestamp: float64(u.Timestamp.UnixNano()) / 1e9,
+		Status:    u.Status.String(),
+	}
+	if !u.Status.ValidValue() || u.Value == nil {
+		return doc
+	}
+	switch v := u.Value.(type) {
+	case float64:
+		switch {
+		case math.IsNaN(v):
+			doc.Value = "nan"
+		case math.IsInf(v, 1):
+			doc.Value = "inf"
+		case math.IsInf(v, -1):
+			doc.Value = "-inf"
+		default:
+			doc.Value = v
+		}
+	case []byte:
+		doc.Value = jsonArg(v)
+	case time.Time:
+		doc.Value = float64(v.UnixNano()) / 1e9
+	case katcp.Address:
+		doc.Value = v.String()
+	default:
+		doc.Value = v
+	}
+	return doc
+}
+
+// Status is the JSON document of a device's state on its status subject.
+type Status struct {
+	Device   string  `json:"device"`
+	State    string  `json:"state"` // connected, disconnected
+	Since    float64 `json:"since"` // seconds since the Unix epoch
+	Reason   string  `json:"reason,omitempty"`
+	Address  string  `json:"address"`
+	Protocol string  `json:"protocol,omitempty"`
+	Owner    string  `json:"owner,omitempty"` // the bridge instance serving the device
+}

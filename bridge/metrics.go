@@ -1,0 +1,118 @@
+package bridge
+
+import (
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Metrics are the bridge's counters and gauges, written in the Prometheus
+// text format by WritePrometheus. It is safe for concurrent use.
+type Metrics struct {
+	devicesConnected atomic.Int64
+	reconnects       atomic.Uint64
+	informs          atomic.Uint64
+	sensorUpdates    atomic.Uint64
+	drops            atomic.Uint64
+	natsConnected    atomic.Int64
+
+	mu       sync.Mutex
+	requests map[[2]string]uint64 // device, status -> count
+	duration map[string]*histogram
+}
+
+// NewMetrics returns empty metrics.
+func NewMetrics() *Metrics {
+	return &Metrics{requests: map[[2]string]uint64{}, duration: map[string]*histogram{}}
+}
+
+// histogram buckets request durations in seconds.
+type histogram struct {
+	counts [len(buckets) + 1]uint64
+	sum    float64
+	n      uint64
+}
+
+var buckets = [...]float64{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}
+
+func (m *Metrics) request(device, status string, d time.Duration) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.requests[[2]string{device, status}]++
+	h := m.duration[device]
+	if h == nil {
+		h = &histogram{}
+		m.duration[device] = h
+	}
+	s := d.Seconds()
+	i := 0
+	for i < len(buckets) && s > buckets[i] {
+		i++
+	}
+	h.counts[i]++
+	h.sum += s
+	h.n++
+}
+
+// Requests returns how many requests to device ended with status.
+func (m *Metrics) Requests(device, status string) uint64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.requests[[2]string{device, status}]
+}
+
+// SensorUpdates returns how many sensor updates were published.
+func (m *Metrics) SensorUpdates() uint64 { return m.sensorUpdates.Load() }
+
+// Informs returns how many informs were published.
+func (m *Metrics) Informs() uint64 { return m.informs.Load() }
+
+// WritePrometheus writes every metric in the Prometheus text format.
+func (m *Metrics) WritePrometheus(w io.Writer) {
+	gauge := func(name, help string, v int64) {
+		fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s gauge\n%s %d\n", name, help, name, name, v)
+	}
+	counter := func(name, help string, v uint64) {
+		fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s counter\n%s %d\n", name, help, name, name, v)
+	}
+	gauge("katcp_bridge_devices_connected", "Devices with a live KATCP connection.", m.devicesConnected.Load())
+	counter("katcp_bridge_reconnects_total", "KATCP reconnections.", m.reconnects.Load())
+	counter("katcp_bridge_informs_published_total", "Asynchronous informs published to NATS.", m.informs.Load())
+	counter("katcp_bridge_sensor_updates_published_total", "Sensor updates published to NATS.", m.sensorUpdates.Load())
+	counter("katcp_bridge_drops_total", "Informs or updates dropped (queues full, publish errors).", m.drops.Load())
+	gauge("katcp_bridge_nats_connected", "1 when the NATS connection is up.", m.natsConnected.Load())
+
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	fmt.Fprintf(w, "# HELP katcp_bridge_requests_total Requests by device and outcome.\n# TYPE katcp_bridge_requests_total counter\n")
+	keys := make([][2]string, 0, len(m.requests))
+	for k := range m.requests {
+		keys = append(keys, k)
+	}
+	slices.SortFunc(keys, func(a, b [2]string) int { return strings.Compare(a[0]+"\x00"+a[1], b[0]+"\x00"+b[1]) })
+	for _, k := range keys {
+		fmt.Fprintf(w, "katcp_bridge_requests_total{device=%q,status=%q} %d\n", k[0], k[1], m.requests[k])
+	}
+	fmt.Fprintf(w, "# HELP katcp_bridge_request_duration_seconds Time from NATS request to reply.\n# TYPE katcp_bridge_request_duration_seconds histogram\n")
+	devs := make([]string, 0, len(m.duration))
+	for d := range m.duration {
+		devs = append(devs, d)
+	}
+	slices.Sort(devs)
+	for _, d := range devs {
+		h := m.duration[d]
+		var cum uint64
+		for i, b := range buckets {
+			cum += h.counts[i]
+			fmt.Fprintf(w, "katcp_bridge_request_duration_seconds_bucket{device=%q,le=\"%g\"} %d\n", d, b, cum)
+		}
+		cum += h.counts[len(buckets)]
+		fmt.Fprintf(w, "katcp_bridge_request_duration_seconds_bucket{device=%q,le=\"+Inf\"} %d\n", d, cum)
+		fmt.Fprintf(w, "katcp_bridge_request_duration_seconds_sum{device=%q} %g\n", d, h.sum)
+		fmt.Fprintf(w, "katcp_bridge_request_duration_seconds_count{device=%q} %d\n", d, h.n)
+	}
+}

@@ -1,0 +1,394 @@
+package bridge
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/micro"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/katcp-go/katcp-bridge/katcp"
+	"github.com/katcp-go/katcp-bridge/subjects"
+)
+
+// worker serves one device: it owns the device's katcp.Client, its
+// sensor watchers and its publications.
+type worker struct {
+	b      *Bridge
+	dev    Device
+	client *katcp.Client
+	subs   []compiled
+	sem    chan struct{} // requests in flight
+	ctx    context.Context
+	cancel context.CancelFunc // ends in-flight requests on a forced shutdown
+
+	refresh chan struct{} // asks loop to re-read the request list
+	loopWG  sync.WaitGroup
+	statSub *nats.Subscription
+
+	mu       sync.Mutex // guards the fields below
+	watchers []*katcp.SensorWatcher
+	state    Status
+	requests map[string]bool // the device's requests (?help); nil until known
+	stopped  bool
+}
+
+func newWorker(b *Bridge, d Device) (*worker, error) {
+	w := &worker{b: b, dev: d, sem: make(chan struct{}, b.cfg.MaxInFlight), refresh: make(chan struct{}, 1)}
+	w.ctx, w.cancel = context.WithCancel(context.Background())
+	subs := d.Sensors
+	if len(subs) == 0 {
+		subs = []SensorSubscription{{Pattern: "*"}}
+	}
+	for _, s := range subs {
+		c, err := s.compile()
+		if err != nil {
+			return nil, fmt.Errorf("bridge: device %s: %w", d.Name, err)
+		}
+		w.subs = append(w.subs, c)
+	}
+	w.state = Status{Device: d.Name, State: "disconnected", Since: now(), Reason: "not yet connected", Address: d.Address, Owner: b.instance}
+	return w, nil
+}
+
+func now() float64 { return float64(time.Now().UnixNano()) / 1e9 }
+
+// start connects to the device and begins publishing.
+func (w *worker) start() error {
+	b := w.b
+	sub, err := b.nc.Subscribe(b.scheme.Status(w.dev.Name), w.statusRequest)
+	if err != nil {
+		return fmt.Errorf("bridge: status subject of %s: %w", w.dev.Name, err)
+	}
+	w.statSub = sub
+	cfg := b.cfg.Client
+	cfg.Logger = b.log.With("device", w.dev.Name)
+	cfg.OnConnected = w.connected
+	cfg.OnDisconnected = w.disconnected
+	w.client = katcp.NewClient(w.dev.Address, cfg)
+	w.client.HandleUnhandled(w.inform)
+	for _, name := range []string{"log", "disconnect", "version-connect", "version", "build-state"} {
+		w.client.HandleInform(name, w.inform)
+	}
+	w.client.HandleInform("interface-changed", func(katcp.Message) { w.kick() })
+	for i, s := range w.subs {
+		earlier := w.subs[:i]
+		w.watchers = append(w.watchers, w.client.Watch(katcp.WatchConfig{
+			Strategy: s.strategy,
+			Params:   s.params,
+			Select: func(info katcp.SensorInfo) bool {
+				for _, e := range earlier { // the first matching pattern wins
+					if e.match(info.Name) {
+						return false
+					}
+				}
+				return s.match(info.Name)
+			},
+			OnUpdate: w.sensorUpdate,
+		}))
+	}
+	w.loopWG.Add(1)
+	go w.loop()
+	return nil
+}
+
+func (w *worker) kick() {
+	select {
+	case w.refresh <- struct{}{}:
+	default:
+	}
+}
+
+// loop re-reads the device's request list after each connection and each
+// #interface-changed.
+func (w *worker) loop() {
+	defer w.loopWG.Done()
+	for {
+		select {
+		case <-w.ctx.Done():
+			return
+		case <-w.refresh:
+		}
+		ctx, cancel := context.WithTimeout(w.ctx, 10*time.Second)
+		r, err := w.client.Request(ctx, "help")
+		cancel()
+		if err != nil {
+			continue // unknown: requests go to the device, which will judge them
+		}
+		names := make(map[string]bool, len(r.Informs))
+		for _, inf := range r.Informs {
+			names[inf.Arg(0)] = true
+		}
+		w.mu.Lock()
+		w.requests = names
+		w.mu.Unlock()
+	}
+}
+
+func (w *worker) connected(info katcp.ProtocolInfo) {
+	if w.client.Stats().Reconnects > 0 {
+		w.b.metrics.reconnects.Add(1)
+	}
+	w.setState("connected", "", info.Version.String())
+	w.kick()
+}
+
+func (w *worker) disconnected(cause error) {
+	w.mu.Lock()
+	w.requests = nil
+	w.mu.Unlock()
+	w.setState("disconnected", cause.Error(), "")
+}
+
+func (w *worker) setState(state, reason, protocol string) {
+	w.mu.Lock()
+	if w.stopped {
+		w.mu.Unlock()
+		return
+	}
+	w.gaugeLocked(state)
+	w.state.State, w.state.Reason, w.state.Since = state, reason, now()
+	if protocol != "" {
+		w.state.Protocol = protocol
+	}
+	doc := mustJSON(w.state)
+	w.mu.Unlock()
+	w.b.publish(w.b.scheme.Status(w.dev.Name), "publish katcp.{device}.status", doc, attribute.String("katcp.device", w.dev.Name))
+}
+
+// gaugeLocked keeps the connected-devices gauge in step with a state
+// change; w.mu is held.
+func (w *worker) gaugeLocked(next string) {
+	was, is := w.state.State == "connected", next == "connected"
+	switch {
+	case is && !was:
+		w.b.metrics.devicesConnected.Add(1)
+	case was && !is:
+		w.b.metrics.devicesConnected.Add(-1)
+	}
+}
+
+func (w *worker) status() Status {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.state
+}
+
+// statusRequest answers requests on the status subject; the bridge's own
+// publications there have no reply subject and are ignored.
+func (w *worker) statusRequest(m *nats.Msg) {
+	if m.Reply == "" {
+		return
+	}
+	m.Respond(mustJSON(w.status()))
+}
+
+func (w *worker) stopStatusRequests() {
+	if w.statSub != nil {
+		w.statSub.Unsubscribe()
+	}
+}
+
+func (w *worker) cancelRequests() { w.cancel() }
+
+// stop closes the device connection and publishes the final status.
+func (w *worker) stop(reason string) {
+	w.cancel()
+	w.loopWG.Wait()
+	w.mu.Lock()
+	watchers := w.watchers
+	w.mu.Unlock()
+	for _, sw := range watchers {
+		sw.Close()
+	}
+	if w.client != nil {
+		w.client.Close()
+	}
+	w.stopStatusRequests()
+	w.mu.Lock()
+	w.gaugeLocked("disconnected")
+	w.state.State, w.state.Reason, w.state.Since = "disconnected", reason, now()
+	doc := mustJSON(w.state)
+	w.stopped = true
+	w.mu.Unlock()
+	w.b.publish(w.b.scheme.Status(w.dev.Name), "publish katcp.{device}.status", doc, attribute.String("katcp.device", w.dev.Name))
+}
+
+// inform publishes an asynchronous inform.
+func (w *worker) inform(m katcp.Message) {
+	if m.Name == "sensor-status" {
+		return // published per sensor by the watchers
+	}
+	w.b.metrics.informs.Add(1)
+	w.b.publish(w.b.scheme.Inform(w.dev.Name, m.Name), "publish katcp.{device}.inform", EncodeArgs(m.Args),
+		attribute.String("katcp.device", w.dev.Name), attribute.String("katcp.inform", m.Name))
+}
+
+// sensorUpdate publishes a sensor update.
+func (w *worker) sensorUpdate(u katcp.SensorUpdate) {
+	w.b.metrics.sensorUpdates.Add(1)
+	doc := mustJSON(sensorDocument(w.dev.Name, u))
+	w.b.publish(w.b.scheme.Sensor(w.dev.Name, u.Name), "publish katcp.{device}.sensor", doc,
+		attribute.String("katcp.device", w.dev.Name))
+}
+
+// allowed applies the device's policy to a request name.
+func (w *worker) allowed(name string) bool {
+	d := w.dev
+	if slices.Contains(d.Deny, name) {
+		return false
+	}
+	if len(d.Allow) > 0 && !slices.Contains(d.Allow, name) {
+		return false
+	}
+	if d.ReadOnly && !slices.Contains(ReadOnlyRequests, name) {
+		return false
+	}
+	return true
+}
+
+// handle is the micro endpoint handler: it checks what it can at once and
+// runs the KATCP request on its own goroutine.
+func (w *worker) handle(req micro.Request) {
+	b := w.b
+	select {
+	case w.sem <- struct{}{}:
+	default:
+		b.metrics.request(w.dev.Name, "busy", 0)
+		req.Error("503", fmt.Sprintf("device %s has %d requests in flight; try again", w.dev.Name, cap(w.sem)), nil,
+			micro.WithHeaders(micro.Headers{HeaderSource: []string{"bridge"}}))
+		return
+	}
+	if !b.track() {
+		<-w.sem
+		req.Error("503", "bridge shutting down", nil, micro.WithHeaders(micro.Headers{HeaderSource: []string{"bridge"}}))
+		return
+	}
+	go func() {
+		defer b.inflight.Done()
+		defer func() { <-w.sem }()
+		w.serve(req)
+	}()
+}
+
+func (w *worker) serve(req micro.Request) {
+	b := w.b
+	start := time.Now()
+	ctx := Extract(context.Background(), b.prop, nats.Header(req.Headers()))
+	p, perr := b.scheme.Parse(req.Subject())
+	name := p.Name
+	ctx, span := b.tracer.Start(ctx, "process katcp.{device}.req.{request}",
+		trace.WithSpanKind(trace.SpanKindServer),
+		trace.WithAttributes(
+			attribute.String("messaging.system", "nats"),
+			attribute.String("messaging.operation.type", "process"),
+			attribute.String("katcp.device", w.dev.Name),
+			attribute.String("katcp.request", name),
+		))
+	defer span.End()
+
+	body, status, er := w.run(ctx, req, p, perr)
+	outcome := status
+	if er != nil {
+		span.SetStatus(codes.Error, er.text)
+		span.SetAttributes(attribute.Int("katcp.error_code", er.code), attribute.String("katcp.error_source", er.source))
+		if outcome == "" {
+			outcome = fmt.Sprintf("error-%d", er.code)
+		}
+	}
+	b.metrics.request(w.dev.Name, outcome, time.Since(start))
+	if err := b.respond(ctx, req, body, status, er); err != nil {
+		b.log.Warn("bridge: could not send a reply", "device", w.dev.Name, "request", name, "err", err)
+	}
+}
+
+// run performs one request; it returns the reply body and the device's
+// status, or what went wrong.
+func (w *worker) run(ctx context.Context, req micro.Request, p subjects.Parsed, perr error) ([]byte, string, *errorReply) {
+	b := w.b
+	if perr != nil || p.Kind != subjects.KindRequest {
+		return nil, "", errBadRequest("bad request subject %q", req.Subject())
+	}
+	if !w.allowed(p.Name) {
+		return nil, "", &errorReply{code: 403, source: "bridge", text: fmt.Sprintf("request %s to device %s is denied by policy", p.Name, w.dev.Name)}
+	}
+	h := req.Headers()
+	timeout := time.Duration(w.dev.Timeout)
+	if timeout <= 0 {
+		timeout = b.cfg.DefaultTimeout
+	}
+	if v := h.Get(HeaderTimeout); v != "" {
+		f, err := katcp.ParseFloat([]byte(v))
+		if err != nil || f <= 0 || f != f {
+			return nil, "", errBadRequest("header %s: %q is not a positive number of seconds", HeaderTimeout, v)
+		}
+		timeout = time.Duration(f * float64(time.Second))
+	}
+	timeout = min(timeout, b.cfg.MaxTimeout)
+	args, err := DecodeArgs(req.Data(), strings.HasPrefix(h.Get(HeaderContentType), ContentJSON))
+	if err != nil {
+		return nil, "", errBadRequest("%v", err)
+	}
+	if !w.client.Connected() {
+		return nil, "", errorFor(katcp.ErrNotConnected, w.dev.Name, timeout)
+	}
+	w.mu.Lock()
+	known := w.requests == nil || w.requests[p.Name]
+	w.mu.Unlock()
+	if !known {
+		return nil, "", &errorReply{code: 404, source: "bridge", text: fmt.Sprintf("device %s has no request %s", w.dev.Name, p.Name)}
+	}
+
+	m := katcp.Message{Type: katcp.TypeRequest, Name: p.Name, Args: args}
+	kctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	stop := context.AfterFunc(w.ctx, cancel) // forced shutdown
+	defer stop()
+	kctx, span := b.tracer.Start(kctx, "katcp "+p.Name,
+		trace.WithSpanKind(trace.SpanKindClient),
+		trace.WithAttributes(
+			attribute.String("rpc.system", "katcp"),
+			attribute.String("rpc.method", p.Name),
+			attribute.String("server.address", w.dev.Address),
+			attribute.String("katcp.device", w.dev.Name),
+		))
+	r, err := w.client.RequestRaw(kctx, m)
+	if err != nil {
+		span.RecordError(err)
+		span.SetStatus(codes.Error, err.Error())
+		span.End()
+		return nil, "", errorFor(err, w.dev.Name, timeout)
+	}
+	span.SetAttributes(attribute.Int("katcp.mid", r.MID), attribute.String("katcp.status", r.Status()), attribute.Int("katcp.informs", len(r.Informs)))
+	if !r.OK() {
+		span.SetStatus(codes.Error, r.Status())
+	}
+	span.End()
+
+	body, err := encodeReply(r, strings.HasPrefix(h.Get(HeaderAccept), ContentJSON))
+	if err != nil {
+		return nil, "", &errorReply{code: 500, source: "bridge", text: err.Error()}
+	}
+	status := r.Status()
+	switch status {
+	case "ok":
+		return body, status, nil
+	case "fail":
+		return body, "", &errorReply{code: 500, source: "device", status: status, text: reason(r)}
+	}
+	return body, "", &errorReply{code: 400, source: "device", status: status, text: reason(r)}
+}
+
+func reason(r *katcp.Reply) string {
+	if s := r.Arg(1); s != "" {
+		return s
+	}
+	return "device replied " + r.Status()
+}
