@@ -58,6 +58,15 @@ func (m *Metrics) request(device, status string, d time.Duration) {
 	h.n++
 }
 
+// SetNATSConnected records the NATS connection's state.
+func (m *Metrics) SetNATSConnected(up bool) {
+	if up {
+		m.natsConnected.Store(1)
+	} else {
+		m.natsConnected.Store(0)
+	}
+}
+
 // Requests returns how many requests to device ended with status.
 func (m *Metrics) Requests(device, status string) uint64 {
 	m.mu.Lock()
