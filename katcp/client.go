@@ -184,7 +184,7 @@ func NewClient(addr string, cfg ClientConfig) *Client {
 	c := &Client{
 		addr:      addr,
 		cfg:       cfg,
-		log:       cfg.Logger.With("device", addr),
+		log:       cfg.Logger.With("address", addr),
 		cancel:    cancel,
 		events:    newEventQueue(cfg.InformQueue),
 		kick:      make(chan struct{}, 1),
