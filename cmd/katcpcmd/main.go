@@ -3,6 +3,12 @@
 //
 //	katcpcmd [--connect-timeout 5s] [--request-timeout 5s] host:port request [args...]
 //	katcpcmd host:port --watch name[,name...] [--strategy event]
+//	katcpcmd nats://host:4222/<device> request [args...]
+//	katcpcmd nats://host:4222/<device> --watch name[,name...]
+//
+// With a nats:// (or tls://) address, katcpcmd talks to the device through
+// katcp-bridge and behaves the same; in watch mode the bridge's own
+// subscription strategy applies and names may end in ".>" ("pump.>").
 //
 // In request mode it prints the device's asynchronous informs as they
 // arrive, then the in-response informs and the reply, each formatted as a
@@ -42,6 +48,8 @@ func main() {
 const usage = `usage:
   katcpcmd [--connect-timeout T] [--request-timeout T] host:port request [args...]
   katcpcmd [--connect-timeout T] host:port --watch name[,name...] [--strategy "event"]
+  katcpcmd nats://host:4222/<device> request [args...]      (through katcp-bridge)
+  katcpcmd nats://host:4222/<device> --watch name[,name...]
 
 Flags (before the request name):
   --connect-timeout T   how long to wait for the connection (default 5s)
@@ -155,6 +163,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	p := &printer{out: stdout}
+	server, device, viaNATS, err := natsTarget(o.addr)
+	if err != nil {
+		fmt.Fprintf(stderr, "katcpcmd: %v\n", err)
+		return 1
+	}
+	if viaNATS {
+		return runNATS(ctx, o, server, device, p, stderr)
+	}
 	cfg := katcp.ClientConfig{RequestTimeout: o.requestTimeout}
 	connectCtx, cancel := context.WithTimeout(ctx, o.connectTimeout)
 	defer cancel()

@@ -1,0 +1,143 @@
+package main
+
+import (
+	"context"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"io"
+	"net/url"
+	"strings"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/katcp-go/katcp-bridge/bridge"
+	"github.com/katcp-go/katcp-bridge/bridge/natsclient"
+	"github.com/katcp-go/katcp-bridge/katcp"
+	"github.com/katcp-go/katcp-bridge/subjects"
+)
+
+// natsTarget splits "nats://host:port/device" (or tls://) into the server
+// URL and the device; ok is false for a plain host:port.
+func natsTarget(addr string) (server, device string, ok bool, err error) {
+	if !strings.Contains(addr, "://") {
+		return "", "", false, nil
+	}
+	u, err := url.Parse(addr)
+	if err != nil {
+		return "", "", true, fmt.Errorf("bad NATS address %q: %w", addr, err)
+	}
+	device = strings.Trim(u.Path, "/")
+	if err := subjects.ValidDevice(device); err != nil {
+		return "", "", true, fmt.Errorf("NATS address %q needs a device: nats://host:port/<device>: %w", addr, err)
+	}
+	u.Path = ""
+	return u.String(), device, true, nil
+}
+
+// runNATS is run's counterpart for a device behind katcp-bridge.
+func runNATS(ctx context.Context, o options, server, device string, p *printer, stderr io.Writer) int {
+	nc, err := nats.Connect(server, nats.Name("katcpcmd"), nats.Timeout(o.connectTimeout))
+	if err != nil {
+		fmt.Fprintf(stderr, "katcpcmd: connecting to %s: %v\n", server, err)
+		return 1
+	}
+	defer nc.Close()
+	c, err := natsclient.New(nc, natsclient.Options{})
+	if err != nil {
+		fmt.Fprintf(stderr, "katcpcmd: %v\n", err)
+		return 1
+	}
+	// Asynchronous informs, as they arrive.
+	sub, err := c.SubscribeInforms(device, "*", func(_ context.Context, _ string, m katcp.Message) { p.print(&m) })
+	if err != nil {
+		fmt.Fprintf(stderr, "katcpcmd: %v\n", err)
+		return 1
+	}
+	defer sub.Unsubscribe()
+	if o.watch != nil {
+		return watchNATS(ctx, c, device, o, p, stderr)
+	}
+	args := make([]any, len(o.args))
+	for i, a := range o.args {
+		args[i] = a
+	}
+	ctx, cancel := context.WithTimeout(ctx, o.requestTimeout)
+	defer cancel()
+	r, err := c.Request(ctx, device, o.request, args...)
+	if r == nil {
+		fmt.Fprintf(stderr, "katcpcmd: %v\n", err)
+		return 1
+	}
+	for i := range r.Informs {
+		p.print(&r.Informs[i])
+	}
+	p.print(&r.Message)
+	if !r.OK() {
+		return 2
+	}
+	return 0
+}
+
+// watchNATS prints the sensor updates the bridge publishes for the named
+// sensors (the bridge decides the strategy) until interrupted.
+func watchNATS(ctx context.Context, c *natsclient.Client, device string, o options, p *printer, stderr io.Writer) int {
+	for _, name := range o.watch {
+		sub, err := c.SubscribeSensors(device, name, func(_ context.Context, u bridge.SensorUpdate) {
+			m, err := katcp.NewInform("sensor-status", u.Timestamp, 1, u.Name, u.Status, sensorValueArg(u.Type, u.Value))
+			if err == nil {
+				p.print(&m)
+			}
+		})
+		if err != nil {
+			fmt.Fprintf(stderr, "katcpcmd: %v\n", err)
+			return 1
+		}
+		defer sub.Unsubscribe()
+	}
+	// The current values first, so that a quiet sensor shows at once.
+	rctx, cancel := context.WithTimeout(ctx, o.requestTimeout)
+	for _, name := range o.watch {
+		r, err := c.Request(rctx, device, "sensor-value", name)
+		if err != nil && !errors.Is(err, katcp.ErrFail) {
+			fmt.Fprintf(stderr, "katcpcmd: %v\n", err)
+			cancel()
+			return 1
+		}
+		if err != nil {
+			fmt.Fprintf(stderr, "katcpcmd: watch %s: %v\n", name, err)
+			cancel()
+			return 2
+		}
+		for _, inf := range r.Informs {
+			inf.Name, inf.MID = "sensor-status", 0
+			p.print(&inf)
+		}
+	}
+	cancel()
+	<-ctx.Done()
+	return 0
+}
+
+// sensorValueArg turns a published JSON value back into a KATCP argument
+// of the sensor's type.
+func sensorValueArg(typ string, v any) any {
+	switch v := v.(type) {
+	case nil:
+		return ""
+	case bool, string:
+		return v
+	case float64:
+		if typ == "integer" {
+			return int64(v)
+		}
+		return v
+	case map[string]any:
+		if s, ok := v["base64"].(string); ok {
+			if b, err := base64.StdEncoding.DecodeString(s); err == nil {
+				return b
+			}
+		}
+	}
+	return fmt.Sprint(v)
+}
