@@ -19,6 +19,7 @@ type Metrics struct {
 	sensorUpdates    atomic.Uint64
 	drops            atomic.Uint64
 	natsConnected    atomic.Int64
+	inFlight         atomic.Int64
 
 	mu       sync.Mutex
 	requests map[[2]string]uint64 // device, status -> count
@@ -94,6 +95,7 @@ func (m *Metrics) WritePrometheus(w io.Writer) {
 	counter("katcp_bridge_sensor_updates_published_total", "Sensor updates published to NATS.", m.sensorUpdates.Load())
 	counter("katcp_bridge_drops_total", "Informs or updates dropped (queues full, publish errors).", m.drops.Load())
 	gauge("katcp_bridge_nats_connected", "1 when the NATS connection is up.", m.natsConnected.Load())
+	gauge("katcp_bridge_requests_in_flight", "Requests being handled.", m.inFlight.Load())
 
 	m.mu.Lock()
 	defer m.mu.Unlock()

@@ -271,8 +271,10 @@ func (w *worker) handle(req micro.Request) {
 		req.Error("503", "bridge shutting down", nil, micro.WithHeaders(micro.Headers{HeaderSource: []string{"bridge"}}))
 		return
 	}
+	b.metrics.inFlight.Add(1)
 	go func() {
 		defer b.inflight.Done()
+		defer b.metrics.inFlight.Add(-1)
 		defer func() { <-w.sem }()
 		w.serve(req)
 	}()
