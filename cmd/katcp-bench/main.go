@@ -3,7 +3,7 @@
 // prints one table: row, baseline, ours, unit, ratio, target, met, spread.
 // It starts everything it needs on 127.0.0.1 and stops it.
 //
-//	katcp-bench [--duration 1s] [--repeats 3] [--rows katcp]
+//	katcp-bench [--duration 1s] [--repeats 3] [--rows katcp,bridge,memory] [--devices 1000]
 package main
 
 import (
@@ -37,9 +37,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var o bench.Options
 	fs.DurationVar(&o.Duration, "duration", time.Second, "length of each measurement")
 	fs.IntVar(&o.Repeats, "repeats", 3, "measurements per figure (the median is reported)")
-	rowsFlag := fs.String("rows", "katcp", "comma-separated groups of rows: katcp")
+	rowsFlag := fs.String("rows", "katcp,bridge,memory", "comma-separated groups of rows: katcp, bridge, memory")
+	memDevices := fs.Int("devices", 1000, "idle devices for the memory row")
+	simDevices := fs.Int("sim-devices", 0, "internal: serve this many idle devices (the memory row's child process)")
+	simPort := fs.Int("sim-port", 0, "internal: first port of --sim-devices")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if *simDevices > 0 {
+		return bench.RunSimDevices(ctx, *simDevices, *simPort)
 	}
 	var rows []bench.Row
 	for _, g := range strings.Split(*rowsFlag, ",") {
@@ -53,6 +59,18 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 				return fmt.Errorf("katcp rows: %w", err)
 			}
 			rows = append(rows, r...)
+		case "bridge":
+			r, err := bench.BridgeRows(o)
+			if err != nil {
+				return fmt.Errorf("bridge rows: %w", err)
+			}
+			rows = append(rows, r...)
+		case "memory":
+			r, err := bench.MemoryRow(*memDevices)
+			if err != nil {
+				return fmt.Errorf("memory row: %w", err)
+			}
+			rows = append(rows, r)
 		default:
 			return fmt.Errorf("unknown row group %q", g)
 		}

@@ -1,0 +1,461 @@
+package bench
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
+
+	"github.com/katcp-go/katcp-bridge/bridge"
+	"github.com/katcp-go/katcp-bridge/katcp"
+)
+
+func startNATS() (*server.Server, error) {
+	ns, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, NoLog: true, NoSigs: true})
+	if err != nil {
+		return nil, err
+	}
+	ns.Start()
+	if !ns.ReadyForConnections(10 * time.Second) {
+		return nil, fmt.Errorf("nats-server not ready")
+	}
+	return ns, nil
+}
+
+// rawNATSResponder answers every request on subject with "!echo ok hello".
+func rawNATSResponder(url, subject string) (*nats.Conn, error) {
+	nc, err := nats.Connect(url)
+	if err != nil {
+		return nil, err
+	}
+	reply := []byte("!echo ok hello\n")
+	_, err = nc.Subscribe(subject, func(m *nats.Msg) { m.Respond(reply) })
+	return nc, err
+}
+
+// idealBridge forwards each request as one line to a raw TCP echo server
+// and answers with the line: the two hops and nothing else.
+func idealBridge(url, subject, echoAddr string) (func(), error) {
+	nc, err := nats.Connect(url)
+	if err != nil {
+		return nil, err
+	}
+	c, err := net.Dial("tcp", echoAddr)
+	if err != nil {
+		nc.Close()
+		return nil, err
+	}
+	r := bufio.NewReader(c)
+	var mu sync.Mutex
+	_, err = nc.Subscribe(subject, func(m *nats.Msg) {
+		mu.Lock()
+		c.Write(append(append([]byte("?echo "), m.Data...), '\n'))
+		line, _ := r.ReadSlice('\n')
+		out := append([]byte(nil), line...)
+		mu.Unlock()
+		m.Respond(out)
+	})
+	return func() { nc.Close(); c.Close() }, err
+}
+
+func natsRequests(url, subject string, d time.Duration, workers int, subjects func(i int) string) (float64, error) {
+	nc, err := nats.Connect(url)
+	if err != nil {
+		return 0, err
+	}
+	defer nc.Close()
+	var next atomic.Int64
+	return rate(d, workers, func() error {
+		s := subject
+		if subjects != nil {
+			s = subjects(int(next.Add(1)))
+		}
+		m, err := nc.Request(s, []byte("hello"), 10*time.Second)
+		if err != nil {
+			return err
+		}
+		if m.Header.Get(bridge.HeaderErrorCode) != "" {
+			return fmt.Errorf("%s: %s", s, m.Header.Get(bridge.HeaderErrorText))
+		}
+		return nil
+	})
+}
+
+// rawPublishRate measures plain publishes received by one subscriber.
+func rawPublishRate(url string, d time.Duration) (float64, error) {
+	sub, err := nats.Connect(url)
+	if err != nil {
+		return 0, err
+	}
+	defer sub.Close()
+	var got atomic.Int64
+	s, err := sub.Subscribe("raw.sensor", func(*nats.Msg) { got.Add(1) })
+	if err != nil {
+		return 0, err
+	}
+	s.SetPendingLimits(-1, -1)
+	sub.Flush()
+	pub, err := nats.Connect(url)
+	if err != nil {
+		return 0, err
+	}
+	defer pub.Close()
+	payload := []byte(`{"device":"d","name":"s.0","type":"integer","timestamp":1700000000.5,"status":"nominal","value":12345}`)
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; ; i++ {
+			if i%1024 == 0 {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+			}
+			pub.Publish("raw.sensor", payload)
+		}
+	}()
+	time.Sleep(d / 10)
+	start, n0 := time.Now(), got.Load()
+	time.Sleep(d)
+	n := got.Load() - n0
+	elapsed := time.Since(start)
+	close(stop)
+	<-done
+	return float64(n) / elapsed.Seconds(), nil
+}
+
+// benchBridge runs a bridge over n in-process devices.
+type benchBridge struct {
+	devs []*device
+	nc   *nats.Conn
+	b    *bridge.Bridge
+}
+
+func startBridge(url string, n, sensors int, tp trace.TracerProvider) (*benchBridge, error) {
+	bb := &benchBridge{}
+	var devices []bridge.Device
+	for i := range n {
+		d, err := startDevice(sensors)
+		if err != nil {
+			bb.close()
+			return nil, err
+		}
+		bb.devs = append(bb.devs, d)
+		devices = append(devices, bridge.Device{Name: fmt.Sprintf("d%03d", i), Address: d.addr,
+			Sensors: []bridge.SensorSubscription{{Pattern: "*", Strategy: "event"}}})
+	}
+	nc, err := nats.Connect(url)
+	if err != nil {
+		bb.close()
+		return nil, err
+	}
+	bb.nc = nc
+	b, err := bridge.New(nc, bridge.Config{Devices: devices, TracerProvider: tp, MaxInFlight: 1024})
+	if err != nil {
+		bb.close()
+		return nil, err
+	}
+	if err := b.Start(); err != nil {
+		bb.close()
+		return nil, err
+	}
+	bb.b = b
+	deadline := time.Now().Add(30 * time.Second)
+	for b.Metrics() != nil && time.Now().Before(deadline) {
+		if strings.Contains(metricsText(b), fmt.Sprintf("katcp_bridge_devices_connected %d\n", n)) {
+			return bb, nil
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	bb.close()
+	return nil, fmt.Errorf("devices did not connect")
+}
+
+func metricsText(b *bridge.Bridge) string {
+	var sb strings.Builder
+	b.Metrics().WritePrometheus(&sb)
+	return sb.String()
+}
+
+func (bb *benchBridge) close() {
+	if bb.b != nil {
+		bb.b.Shutdown(context.Background())
+	}
+	if bb.nc != nil {
+		bb.nc.Close()
+	}
+	for _, d := range bb.devs {
+		d.close()
+	}
+}
+
+// alwaysOn is tracing with the SDK, every span sampled, and an exporter
+// that drops them.
+func alwaysOn() (*sdktrace.TracerProvider, func()) {
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSampler(sdktrace.AlwaysSample()), sdktrace.WithBatcher(discard{}))
+	return tp, func() { tp.Shutdown(context.Background()) }
+}
+
+type discard struct{}
+
+func (discard) ExportSpans(context.Context, []sdktrace.ReadOnlySpan) error { return nil }
+func (discard) Shutdown(context.Context) error                           { return nil }
+
+// BridgeRows measures the bridge rows, with tracing off and on.
+func BridgeRows(o Options) ([]Row, error) {
+	ns, err := startNATS()
+	if err != nil {
+		return nil, err
+	}
+	defer ns.Shutdown()
+	url := ns.ClientURL()
+	echo, err := StartEchoServer()
+	if err != nil {
+		return nil, err
+	}
+	defer echo.Close()
+	stopIdeal, err := idealBridge(url, "ideal.req", echo.Addr())
+	if err != nil {
+		return nil, err
+	}
+	defer stopIdeal()
+	raw, err := rawNATSResponder(url, "raw.req")
+	if err != nil {
+		return nil, err
+	}
+	defer raw.Close()
+
+	var rows []Row
+	tpOn, stopTracing := alwaysOn()
+	defer stopTracing()
+	results := map[string][2]float64{} // row -> [off, on]
+	for _, traced := range []bool{false, true} {
+		var tp trace.TracerProvider = noop.NewTracerProvider()
+		label := "tracing off"
+		if traced {
+			tp, label = tpOn, "tracing on"
+		}
+		bb, err := startBridge(url, 10, 1, tp)
+		if err != nil {
+			return nil, err
+		}
+		one := func(i int) string { return "katcp.d000.req.echo" }
+		b, u, spread, err := o.pair(
+			func() (float64, error) { return natsRequests(url, "ideal.req", o.Duration, 1, nil) },
+			func() (float64, error) { return natsRequests(url, "", o.Duration, 1, one) })
+		if err != nil {
+			bb.close()
+			return nil, err
+		}
+		// Round-trip time ratio: ours over the ideal bridge's.
+		rows = append(rows, Row{Name: "bridge: one request at a time (" + label + ")", Baseline: "ideal bridge", Base: b, Ours: u, Unit: "req/s", Ratio: b / u, Target: 1.15, Spread: spread + " (ratio = round trip ours/ideal)"})
+		r := results["one"]
+		r[boolIndex(traced)] = u
+		results["one"] = r
+
+		ten := func(i int) string { return fmt.Sprintf("katcp.d%03d.req.echo", i%10) }
+		b, u, spread, err = o.pair(
+			func() (float64, error) { return natsRequests(url, "raw.req", o.Duration, 100, nil) },
+			func() (float64, error) { return natsRequests(url, "", o.Duration, 100, ten) })
+		if err != nil {
+			bb.close()
+			return nil, err
+		}
+		rows = append(rows, Row{Name: "bridge: 100 in flight over 10 devices (" + label + ")", Baseline: "raw NATS 100 in flight", Base: b, Ours: u, Unit: "req/s", Ratio: u / b, Target: 0.7, Higher: true, Spread: spread})
+		r = results["inflight"]
+		r[boolIndex(traced)] = u
+		results["inflight"] = r
+
+		b, u, spread, err = o.pair(
+			func() (float64, error) { return rawPublishRate(url, o.Duration) },
+			func() (float64, error) { return bridgeSensorRate(url, bb, o.Duration) })
+		bb.close()
+		if err != nil {
+			return nil, err
+		}
+		rows = append(rows, Row{Name: "bridge: sensor updates device -> NATS subscriber (" + label + ")", Baseline: "raw NATS publish", Base: b, Ours: u, Unit: "updates/s", Ratio: u / b, Target: 0.5, Higher: true, Spread: spread})
+		r = results["sensors"]
+		r[boolIndex(traced)] = u
+		results["sensors"] = r
+	}
+	for _, k := range []string{"one", "inflight", "sensors"} {
+		off, on := results[k][0], results[k][1]
+		rows = append(rows, Row{Name: "tracing on vs off: " + k, Baseline: "tracing off", Base: off, Ours: on, Unit: "/s", Ratio: off/on - 1, Target: 0.10})
+	}
+	return rows, nil
+}
+
+func boolIndex(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// bridgeSensorRate sets one sensor of device 0 flat out and counts the
+// updates a NATS subscriber receives.
+func bridgeSensorRate(url string, bb *benchBridge, d time.Duration) (float64, error) {
+	sub, err := nats.Connect(url)
+	if err != nil {
+		return 0, err
+	}
+	defer sub.Close()
+	var got atomic.Int64
+	s, err := sub.Subscribe("katcp.d000.sensor.>", func(*nats.Msg) { got.Add(1) })
+	if err != nil {
+		return 0, err
+	}
+	s.SetPendingLimits(-1, -1)
+	sub.Flush()
+	sensor, _ := bb.devs[0].srv.Sensors().Get("s.0")
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := int64(1); ; i++ {
+			if i%1024 == 0 {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+			}
+			sensor.Set(i)
+		}
+	}()
+	time.Sleep(d / 10)
+	start, n0 := time.Now(), got.Load()
+	time.Sleep(d)
+	n := got.Load() - n0
+	elapsed := time.Since(start)
+	close(stop)
+	<-done
+	return float64(n) / elapsed.Seconds(), nil
+}
+
+// MemoryRow measures the bridge's memory per connected, idle device with
+// n devices simulated by a child process (so that their memory is not
+// counted).
+func MemoryRow(n int) (Row, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return Row{}, err
+	}
+	port, err := freePortRange(n)
+	if err != nil {
+		return Row{}, err
+	}
+	child := exec.Command(self, "--sim-devices", strconv.Itoa(n), "--sim-port", strconv.Itoa(port))
+	child.Stderr = os.Stderr
+	stdout, _ := child.StdoutPipe()
+	if err := child.Start(); err != nil {
+		return Row{}, err
+	}
+	defer func() { child.Process.Kill(); child.Wait() }()
+	if _, err := bufio.NewReader(stdout).ReadString('\n'); err != nil { // "ready"
+		return Row{}, fmt.Errorf("simulated devices: %w", err)
+	}
+	ns, err := startNATS()
+	if err != nil {
+		return Row{}, err
+	}
+	defer ns.Shutdown()
+	nc, err := nats.Connect(ns.ClientURL())
+	if err != nil {
+		return Row{}, err
+	}
+	defer nc.Close()
+	before := heap()
+	var devices []bridge.Device
+	for i := range n {
+		devices = append(devices, bridge.Device{Name: fmt.Sprintf("d%04d", i), Address: fmt.Sprintf("127.0.0.1:%d", port+i)})
+	}
+	b, err := bridge.New(nc, bridge.Config{Devices: devices, TracerProvider: noop.NewTracerProvider()})
+	if err != nil {
+		return Row{}, err
+	}
+	if err := b.Start(); err != nil {
+		return Row{}, err
+	}
+	defer b.Shutdown(context.Background())
+	deadline := time.Now().Add(60 * time.Second)
+	for !strings.Contains(metricsText(b), fmt.Sprintf("katcp_bridge_devices_connected %d\n", n)) {
+		if time.Now().After(deadline) {
+			return Row{}, fmt.Errorf("the %d devices did not all connect", n)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	time.Sleep(time.Second) // settle: sensor subscriptions, ?help
+	per := float64(heap()-before) / float64(n)
+	return Row{Name: fmt.Sprintf("bridge: memory per connected, idle device (%d devices)", n), Ours: per / 1024, Unit: "KiB", Ratio: per / 1024, Target: 64}, nil
+}
+
+// heap returns the bytes in use (heap and goroutine stacks) after a GC.
+func heap() uint64 {
+	runtime.GC()
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return ms.HeapInuse + ms.StackInuse
+}
+
+func freePortRange(n int) (int, error) {
+	for try := 0; try < 50; try++ {
+		base := 20000 + (os.Getpid()*7+try*997)%30000
+		ok := true
+		var ls []net.Listener
+		for i := range n {
+			l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", base+i))
+			if err != nil {
+				ok = false
+				break
+			}
+			ls = append(ls, l)
+		}
+		for _, l := range ls {
+			l.Close()
+		}
+		if ok {
+			return base, nil
+		}
+	}
+	return 0, fmt.Errorf("no range of %d free ports", n)
+}
+
+// RunSimDevices serves n idle simulated devices on consecutive ports and
+// prints "ready"; it is the child process of MemoryRow.
+func RunSimDevices(ctx context.Context, n, port int) error {
+	var servers []*katcp.Server
+	for i := range n {
+		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port+i))
+		if err != nil {
+			return err
+		}
+		s := katcp.NewServer(katcp.ServerConfig{DeviceName: fmt.Sprintf("idle%04d", i)})
+		s.Sensors().Add(katcp.MustSensor(katcp.SensorInteger, "counter", katcp.SensorOptions{}))
+		servers = append(servers, s)
+		go s.Serve(l)
+	}
+	fmt.Println("ready")
+	<-ctx.Done()
+	for _, s := range servers {
+		s.Close()
+	}
+	return nil
+}
