@@ -72,10 +72,11 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	stop()
+	if errors.Is(err, flag.ErrHelp) {
+		return // usage was asked for and printed
+	}
 	if err != nil {
-		if !errors.Is(err, flag.ErrHelp) {
-			fmt.Fprintln(os.Stderr, "katcp-bridge:", err)
-		}
+		fmt.Fprintln(os.Stderr, "katcp-bridge:", err)
 		os.Exit(1)
 	}
 }
