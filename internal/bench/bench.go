@@ -277,4 +277,3 @@ func RawPipelined(addr string, d time.Duration, window int) (float64, error) {
 	wg.Wait()
 	return float64(n) / elapsed.Seconds(), nil
 }
-

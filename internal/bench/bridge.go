@@ -215,7 +215,7 @@ func alwaysOn() (*sdktrace.TracerProvider, func()) {
 type discard struct{}
 
 func (discard) ExportSpans(context.Context, []sdktrace.ReadOnlySpan) error { return nil }
-func (discard) Shutdown(context.Context) error                           { return nil }
+func (discard) Shutdown(context.Context) error                             { return nil }
 
 // BridgeRows measures the bridge rows, with tracing off and on.
 func BridgeRows(o Options) ([]Row, error) {
