@@ -56,6 +56,7 @@ Flags (before the request name):
   --request-timeout T   how long to wait for the reply (default 5s)
   --watch NAMES         watch these sensors (comma-separated) instead of sending a request
   --strategy S          sampling strategy and parameters for --watch (default "event")
+  --prefix P            subject prefix of the bridge, for nats:// addresses (default "katcp")
 
 Exit status: 0 ok reply, 2 other reply, 1 connection error, timeout or usage error.
 `
@@ -65,6 +66,7 @@ type options struct {
 	requestTimeout time.Duration
 	watch          []string
 	strategy       string
+	prefix         string
 	addr           string
 	request        string
 	args           []string
@@ -73,7 +75,7 @@ type options struct {
 // parseArgs accepts flags anywhere before the request name; everything
 // after the request name is its arguments, even if it starts with '-'.
 func parseArgs(args []string) (options, error) {
-	o := options{connectTimeout: 5 * time.Second, requestTimeout: 5 * time.Second, strategy: "event"}
+	o := options{connectTimeout: 5 * time.Second, requestTimeout: 5 * time.Second, strategy: "event", prefix: "katcp"}
 	var positional []string
 	for i := 0; i < len(args); i++ {
 		a := args[i]
@@ -89,7 +91,7 @@ func parseArgs(args []string) (options, error) {
 		switch name {
 		case "h", "help":
 			return o, errUsage
-		case "connect-timeout", "request-timeout", "watch", "strategy":
+		case "connect-timeout", "request-timeout", "watch", "strategy", "prefix":
 		default:
 			return o, fmt.Errorf("unknown flag %s", a)
 		}
@@ -110,6 +112,8 @@ func parseArgs(args []string) (options, error) {
 			o.watch = strings.Split(value, ",")
 		case "strategy":
 			o.strategy = value
+		case "prefix":
+			o.prefix = value
 		}
 		if err != nil {
 			return o, fmt.Errorf("flag %s: %w", a, err)

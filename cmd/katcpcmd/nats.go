@@ -43,7 +43,7 @@ func runNATS(ctx context.Context, o options, server, device string, p *printer, 
 		return 1
 	}
 	defer nc.Close()
-	c, err := natsclient.New(nc, natsclient.Options{})
+	c, err := natsclient.New(nc, natsclient.Options{Prefix: o.prefix})
 	if err != nil {
 		fmt.Fprintf(stderr, "katcpcmd: %v\n", err)
 		return 1
