@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"strconv"
 	"time"
 	"unicode/utf8"
 
@@ -209,4 +210,128 @@ type Status struct {
 	Address  string  `json:"address"`
 	Protocol string  `json:"protocol,omitempty"`
 	Owner    string  `json:"owner,omitempty"` // the bridge instance serving the device
+}
+
+// appendSensorJSON appends the SensorUpdate document for u, byte for byte
+// what encoding/json writes for sensorDocument(device, u), without
+// reflection (it runs for every published update).
+func appendSensorJSON(b []byte, device string, u katcp.SensorUpdate) []byte {
+	b = append(b, `{"device":`...)
+	b = appendJSONString(b, device)
+	b = append(b, `,"name":`...)
+	b = appendJSONString(b, u.Name)
+	b = append(b, `,"type":`...)
+	b = appendJSONString(b, u.Type.String())
+	b = append(b, `,"timestamp":`...)
+	b = appendJSONFloat(b, float64(u.Timestamp.UnixNano())/1e9)
+	b = append(b, `,"status":`...)
+	b = appendJSONString(b, u.Status.String())
+	b = append(b, `,"value":`...)
+	if !u.Status.ValidValue() || u.Value == nil {
+		return append(b, "null}"...)
+	}
+	switch v := u.Value.(type) {
+	case float64:
+		switch {
+		case math.IsNaN(v):
+			b = append(b, `"nan"`...)
+		case math.IsInf(v, 1):
+			b = append(b, `"inf"`...)
+		case math.IsInf(v, -1):
+			b = append(b, `"-inf"`...)
+		default:
+			b = appendJSONFloat(b, v)
+		}
+	case int64:
+		b = strconv.AppendInt(b, v, 10)
+	case bool:
+		b = strconv.AppendBool(b, v)
+	case string:
+		b = appendJSONString(b, v)
+	case []byte:
+		if utf8.Valid(v) {
+			b = appendJSONString(b, string(v))
+		} else {
+			b = append(b, `{"base64":"`...)
+			b = base64.StdEncoding.AppendEncode(b, v)
+			b = append(b, `"}`...)
+		}
+	case time.Time:
+		b = appendJSONFloat(b, float64(v.UnixNano())/1e9)
+	case katcp.Address:
+		b = appendJSONString(b, v.String())
+	default:
+		j, _ := json.Marshal(v)
+		b = append(b, j...)
+	}
+	return append(b, '}')
+}
+
+// appendJSONFloat writes f as encoding/json does.
+func appendJSONFloat(b []byte, f float64) []byte {
+	abs := math.Abs(f)
+	format := byte('f')
+	if abs != 0 && (abs < 1e-6 || abs >= 1e21) {
+		format = 'e'
+	}
+	b = strconv.AppendFloat(b, f, format, -1, 64)
+	if format == 'e' {
+		// e-09 to e-9, as encoding/json does
+		if n := len(b); n >= 4 && b[n-4] == 'e' && b[n-3] == '-' && b[n-2] == '0' {
+			b[n-2] = b[n-1]
+			b = b[:n-1]
+		}
+	}
+	return b
+}
+
+// appendJSONString writes s as a JSON string the way encoding/json does
+// (HTML-safe escapes, invalid UTF-8 replaced by U+FFFD).
+func appendJSONString(b []byte, s string) []byte {
+	const hex = "0123456789abcdef"
+	b = append(b, '"')
+	start := 0
+	for i := 0; i < len(s); {
+		c := s[i]
+		if c < utf8.RuneSelf {
+			if c >= 0x20 && c != '"' && c != '\\' && c != '<' && c != '>' && c != '&' {
+				i++
+				continue
+			}
+			b = append(b, s[start:i]...)
+			switch c {
+			case '"', '\\':
+				b = append(b, '\\', c)
+			case '\n':
+				b = append(b, '\\', 'n')
+			case '\r':
+				b = append(b, '\\', 'r')
+			case '\t':
+				b = append(b, '\\', 't')
+			default:
+				b = append(b, '\\', 'u', '0', '0', hex[c>>4], hex[c&0xF])
+			}
+			i++
+			start = i
+			continue
+		}
+		r, size := utf8.DecodeRuneInString(s[i:])
+		if r == utf8.RuneError && size == 1 {
+			b = append(b, s[start:i]...)
+			b = append(b, `\ufffd`...)
+			i += size
+			start = i
+			continue
+		}
+		if r == '\u2028' || r == '\u2029' {
+			b = append(b, s[start:i]...)
+			b = append(b, '\\', 'u', '2', '0', '2', hex[r&0xF])
+			i += size
+			start = i
+			continue
+		}
+		i += size
+	}
+	b = append(b, s[start:]...)
+	return append(b, '"')
 }

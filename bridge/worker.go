@@ -234,7 +234,7 @@ func (w *worker) inform(m katcp.Message) {
 // sensorUpdate publishes a sensor update.
 func (w *worker) sensorUpdate(u katcp.SensorUpdate) {
 	w.b.metrics.sensorUpdates.Add(1)
-	doc := mustJSON(sensorDocument(w.dev.Name, u))
+	doc := appendSensorJSON(make([]byte, 0, 160), w.dev.Name, u)
 	w.b.publish(w.b.scheme.Sensor(w.dev.Name, u.Name), "publish katcp.{device}.sensor", doc,
 		attribute.String("katcp.device", w.dev.Name))
 }

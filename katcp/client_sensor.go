@@ -188,6 +188,7 @@ type SensorWatcher struct {
 	types   map[string]SensorInfo
 	last    map[string]SensorUpdate
 	changed chan struct{}
+	watched bool // a waiter holds changed
 	lastErr error
 }
 
@@ -265,6 +266,7 @@ func (w *SensorWatcher) WaitFor(ctx context.Context, name string, cond func(Sens
 		w.mu.Lock()
 		u, ok := w.last[name]
 		ch, state := w.changed, w.state
+		w.watched = true
 		w.mu.Unlock()
 		if ok && cond(u) {
 			return nil
@@ -285,6 +287,7 @@ func (w *SensorWatcher) WaitSynced(ctx context.Context) error {
 	for {
 		w.mu.Lock()
 		ch, state := w.changed, w.state
+		w.watched = true
 		w.mu.Unlock()
 		switch state {
 		case Synced:
@@ -300,9 +303,16 @@ func (w *SensorWatcher) WaitSynced(ctx context.Context) error {
 	}
 }
 
+// notifyLocked wakes the goroutines in WaitFor and WaitSynced. The
+// channel is only replaced when one of them has taken it, so that a
+// stream of updates nobody waits for costs nothing here.
 func (w *SensorWatcher) notifyLocked() {
+	if !w.watched {
+		return
+	}
 	close(w.changed)
 	w.changed = make(chan struct{})
+	w.watched = false
 }
 
 // setState records a state change. It goes through the client's dispatch

@@ -250,7 +250,7 @@ func (c *serverConn) write(out []byte) error {
 func (c *serverConn) wrote(out []byte, err error) bool {
 	c.wmu.Lock()
 	c.writing = false
-	if cap(out) <= 256<<10 { // keep it for the next write, unless a burst grew it
+	if cap(out) <= 1<<20 { // keep it for the next write, unless a burst grew it
 		c.spare = out[:0]
 	}
 	if err != nil {

@@ -1,0 +1,55 @@
+package bridge
+
+import (
+	"encoding/json"
+	"math"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/katcp-go/katcp-bridge/katcp"
+)
+
+func TestAppendSensorJSONMatchesEncodingJSON(t *testing.T) {
+	ts := time.Unix(1700000000, 123456789)
+	updates := []katcp.SensorUpdate{
+		{Reading: katcp.Reading{Name: "pump.speed", Timestamp: ts, Status: katcp.StatusNominal}, Type: katcp.SensorFloat, Value: 12.5},
+		{Reading: katcp.Reading{Name: "tiny", Timestamp: ts, Status: katcp.StatusWarn}, Type: katcp.SensorFloat, Value: 1.5e-9},
+		{Reading: katcp.Reading{Name: "huge", Timestamp: ts, Status: katcp.StatusError}, Type: katcp.SensorFloat, Value: -2e25},
+		{Reading: katcp.Reading{Name: "n", Timestamp: ts, Status: katcp.StatusNominal}, Type: katcp.SensorFloat, Value: math.NaN()},
+		{Reading: katcp.Reading{Name: "i", Timestamp: ts, Status: katcp.StatusNominal}, Type: katcp.SensorFloat, Value: math.Inf(-1)},
+		{Reading: katcp.Reading{Name: "count", Timestamp: ts, Status: katcp.StatusNominal}, Type: katcp.SensorInteger, Value: int64(-42)},
+		{Reading: katcp.Reading{Name: "ok", Timestamp: ts, Status: katcp.StatusNominal}, Type: katcp.SensorBoolean, Value: true},
+		{Reading: katcp.Reading{Name: "mode", Timestamp: ts, Status: katcp.StatusNominal}, Type: katcp.SensorDiscrete, Value: "track"},
+		{Reading: katcp.Reading{Name: "msg", Timestamp: ts, Status: katcp.StatusNominal}, Type: katcp.SensorString, Value: []byte("a \"q\" <b>&\n\t\x01 é \u2028")},
+		{Reading: katcp.Reading{Name: "raw", Timestamp: ts, Status: katcp.StatusNominal}, Type: katcp.SensorString, Value: []byte("caf\xe9")},
+		{Reading: katcp.Reading{Name: "when", Timestamp: ts, Status: katcp.StatusNominal}, Type: katcp.SensorTimestamp, Value: time.Unix(1600000000, 5e8)},
+		{Reading: katcp.Reading{Name: "peer", Timestamp: ts, Status: katcp.StatusNominal}, Type: katcp.SensorAddress, Value: katcp.Address{Addr: netip.MustParseAddr("::1"), Port: 7147, HasPort: true}},
+		{Reading: katcp.Reading{Name: "gone", Timestamp: ts, Status: katcp.StatusUnreachable}, Type: katcp.SensorFloat},
+		{Reading: katcp.Reading{Name: "bad\xffname", Timestamp: ts, Status: katcp.StatusFailure}, Type: katcp.SensorInteger, Value: int64(1)},
+	}
+	for _, u := range updates {
+		want, err := json.Marshal(sensorDocument("m000", u))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := appendSensorJSON(nil, "m000", u); string(got) != string(want) {
+			t.Errorf("%s:\n got %s\nwant %s", u.Name, got, want)
+		}
+	}
+}
+
+func BenchmarkSensorJSON(b *testing.B) {
+	u := katcp.SensorUpdate{Reading: katcp.Reading{Name: "pump.speed", Timestamp: time.Now(), Status: katcp.StatusNominal}, Type: katcp.SensorFloat, Value: 12.5}
+	b.Run("append", func(b *testing.B) {
+		buf := make([]byte, 0, 256)
+		for b.Loop() {
+			buf = appendSensorJSON(buf[:0], "m000", u)
+		}
+	})
+	b.Run("encoding/json", func(b *testing.B) {
+		for b.Loop() {
+			json.Marshal(sensorDocument("m000", u))
+		}
+	})
+}
