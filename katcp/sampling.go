@@ -131,7 +131,9 @@ func (sm *sampler) sendLocked(r Reading) {
 	if sm.p.diff > 0 || sm.p.strategy == StrategyDifferential || sm.p.strategy == StrategyDifferentialRate {
 		sm.lastNum, _ = ParseFloat(r.Value)
 	}
-	sm.lastAt = time.Now()
+	if sm.p.period > 0 || sm.p.longest > 0 { // only the timed strategies need it
+		sm.lastAt = time.Now()
+	}
 	sm.pending = false
 	sm.conn.sendSensorStatus(&r)
 }
