@@ -29,19 +29,21 @@ type worker struct {
 	ctx    context.Context
 	cancel context.CancelFunc // ends in-flight requests on a forced shutdown
 
-	refresh chan struct{} // asks loop to re-read the request list
-	loopWG  sync.WaitGroup
+	loopWG  sync.WaitGroup // loop, while it runs
 	statSub *nats.Subscription
 
-	mu       sync.Mutex // guards the fields below
-	watchers []*katcp.SensorWatcher
-	state    Status
-	requests map[string]bool // the device's requests (?help); nil until known
-	stopped  bool
+	mu         sync.Mutex // guards the fields below
+	watchers   []*katcp.SensorWatcher
+	state      Status
+	requests   map[string]bool // the device's requests (?help); nil until known
+	stopped    bool
+	closing    bool // stop has begun
+	again      bool // kick asked for another read of the request list
+	refreshing bool // loop is running
 }
 
 func newWorker(b *Bridge, d Device) (*worker, error) {
-	w := &worker{b: b, dev: d, sem: make(chan struct{}, b.cfg.MaxInFlight), refresh: make(chan struct{}, 1)}
+	w := &worker{b: b, dev: d, sem: make(chan struct{}, b.cfg.MaxInFlight)}
 	w.ctx, w.cancel = context.WithCancel(context.Background())
 	subs := d.Sensors
 	if len(subs) == 0 {
@@ -94,28 +96,38 @@ func (w *worker) start() error {
 			OnUpdate: w.sensorUpdate,
 		}))
 	}
-	w.loopWG.Add(1)
-	go w.loop()
 	return nil
 }
 
+// kick asks for the device's request list to be read again (after each
+// connection and each #interface-changed). A goroutine runs only while
+// there is something to read, so that idle devices cost no stack.
 func (w *worker) kick() {
-	select {
-	case w.refresh <- struct{}{}:
-	default:
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.closing {
+		return
+	}
+	w.again = true
+	if !w.refreshing {
+		w.refreshing = true
+		w.loopWG.Add(1)
+		go w.loop()
 	}
 }
 
-// loop re-reads the device's request list after each connection and each
-// #interface-changed.
+// loop re-reads the request list until no more kicks are pending.
 func (w *worker) loop() {
 	defer w.loopWG.Done()
 	for {
-		select {
-		case <-w.ctx.Done():
+		w.mu.Lock()
+		if !w.again || w.ctx.Err() != nil {
+			w.refreshing = false
+			w.mu.Unlock()
 			return
-		case <-w.refresh:
 		}
+		w.again = false
+		w.mu.Unlock()
 		ctx, cancel := context.WithTimeout(w.ctx, 10*time.Second)
 		r, err := w.client.Request(ctx, "help")
 		cancel()
@@ -200,6 +212,9 @@ func (w *worker) cancelRequests() { w.cancel() }
 
 // stop closes the device connection and publishes the final status.
 func (w *worker) stop(reason string) {
+	w.mu.Lock()
+	w.closing = true // no kick starts loop from now on
+	w.mu.Unlock()
 	w.cancel()
 	w.loopWG.Wait()
 	w.mu.Lock()
