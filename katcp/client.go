@@ -56,7 +56,8 @@ type ClientConfig struct {
 
 	// OnConnected, OnDisconnected and OnConnectFailed are called, in
 	// order, from the goroutine that runs inform handlers, never from the
-	// read loop. OnDisconnected gets the cause.
+	// read loop. OnDisconnected gets the cause. They must not call Close
+	// (which waits for them) other than as `go c.Close()`.
 	OnConnected     func(ProtocolInfo)
 	OnDisconnected  func(cause error)
 	OnConnectFailed func(err error)
@@ -217,6 +218,8 @@ func (c *Client) Addr() string { return c.addr }
 // Close stops the client: it fails every pending request with ErrClosed,
 // closes the connection, and returns once every goroutine of the client has
 // exited. Handlers already running finish first. Close is idempotent.
+// Because it waits for the handlers, Close must not be called from a
+// callback or inform handler; use `go c.Close()` there.
 func (c *Client) Close() error {
 	c.closeOnce.Do(func() {
 		c.mu.Lock()
@@ -235,7 +238,9 @@ func (c *Client) Stopped() <-chan struct{} { return c.stoppedCh }
 
 // Send writes any message to the device without waiting for anything
 // (katcp-python's send_message). A request sent this way is not tracked:
-// its reply is counted as unexpected.
+// its reply is counted as unexpected, except on a connection without
+// message ids, where it may be taken for the reply of a tracked request of
+// the same name in flight; use Go for requests.
 func (c *Client) Send(m Message) error {
 	if err := m.Validate(); err != nil {
 		return err

@@ -403,8 +403,8 @@ func (cc *clientConn) versionConnect(m *Message) {
 	switch {
 	case err != nil:
 		cc.refuse(fmt.Errorf("%w: %w", ErrNegotiation, err))
-	case v.Major != 5:
-		cc.refuse(fmt.Errorf("%w: unsupported KATCP protocol version %s (want 5.x, or a v4 device's #version)", ErrNegotiation, v))
+	case v.Major != 5 && v.Major != 4:
+		cc.refuse(fmt.Errorf("%w: unsupported KATCP protocol version %s (want 4.x or 5.x)", ErrNegotiation, v))
 	default:
 		cc.detected = &v
 	}
@@ -549,8 +549,12 @@ func (cc *clientConn) start(req Message, stream func(Message), direct bool) (*ca
 }
 
 // abandon gives up on a request whose caller has gone. A request still
-// queued is dropped; one on the wire stays registered so that its late
-// reply is recognised and dropped, never taken for another request's.
+// queued is dropped; one on the wire stays registered until its reply
+// comes or the connection ends, so that a late reply is recognised and
+// dropped, never taken for another request's. Without message ids, later
+// requests of the same name therefore wait for that reply: a device that
+// never answers blocks the name until the connection is renewed
+// (Client.Disconnect).
 func (cc *clientConn) abandon(cl *call) {
 	cc.mu.Lock()
 	if cc.byName != nil && !cl.sent && cl.req.MID == 0 {

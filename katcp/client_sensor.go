@@ -2,6 +2,7 @@ package katcp
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"slices"
@@ -84,7 +85,9 @@ func (c *Client) SetSampling(ctx context.Context, names []string, s Strategy, pa
 		if !s.InV4() {
 			return fmt.Errorf("%w: strategy %v does not exist in KATCP v4", ErrBadValue, s)
 		}
-		params = v4Params(params)
+		if s == StrategyPeriod {
+			params = v4Period(params)
+		}
 	}
 	send := func(name string) error {
 		args := append([]any{name, s}, params...)
@@ -102,16 +105,23 @@ func (c *Client) SetSampling(ctx context.Context, names []string, s Strategy, pa
 	return nil
 }
 
-// v4Params writes durations in milliseconds, as v4 wants periods.
-func v4Params(params []any) []any {
-	out := make([]any, len(params))
-	for i, p := range params {
-		if d, ok := p.(time.Duration); ok {
-			p = d.Milliseconds()
-		}
-		out[i] = p
+// v4Period writes a period in milliseconds, as v4 wants it: a
+// time.Duration, or a number of seconds (as for v5).
+func v4Period(params []any) []any {
+	var ms any = params[0]
+	switch p := params[0].(type) {
+	case time.Duration:
+		ms = p.Milliseconds()
+	case float64:
+		ms = p * 1000
+	case float32:
+		ms = float64(p) * 1000
+	case int:
+		ms = p * 1000
+	case int64:
+		ms = p * 1000
 	}
-	return out
+	return []any{ms}
 }
 
 // SyncState is a SensorWatcher's state.
@@ -386,7 +396,19 @@ func (w *SensorWatcher) loop(ctx context.Context) {
 	defer close(w.done)
 	defer w.setState(WatchClosed, nil)
 	c := w.c
+	const firstRetry = 5 * time.Second
+	backoff := firstRetry
+	var retryTimer *time.Timer
+	defer func() {
+		if retryTimer != nil {
+			retryTimer.Stop()
+		}
+	}()
 	for {
+		if retryTimer != nil {
+			retryTimer.Stop()
+			retryTimer = nil
+		}
 		if err := c.WaitConnected(ctx); err != nil {
 			if ctx.Err() != nil {
 				return
@@ -402,13 +424,19 @@ func (w *SensorWatcher) loop(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
+		var retry <-chan time.Time
 		if err != nil {
 			w.setState(Unsynced, err)
-			c.log.Warn("katcp: sensor watcher could not subscribe", "err", err)
+			c.log.Warn("katcp: sensor watcher could not subscribe; retrying", "err", err, "in", backoff)
+			retryTimer = time.NewTimer(backoff)
+			retry = retryTimer.C
+			backoff = min(2*backoff, 60*time.Second)
 		} else {
 			w.setState(Synced, nil)
+			backoff = firstRetry
 		}
-		// Wait for the connection to end, or for #interface-changed.
+		// Wait for the connection to end, for #interface-changed, or for
+		// the time to retry a failed subscription.
 		resync := false
 		for !resync {
 			now, connected, changed := c.connState()
@@ -418,6 +446,8 @@ func (w *SensorWatcher) loop(ctx context.Context) {
 			select {
 			case <-changed:
 			case <-w.resync:
+				resync = true
+			case <-retry:
 				resync = true
 			case <-ctx.Done():
 				return
@@ -459,6 +489,10 @@ func (w *SensorWatcher) sync(ctx context.Context) error {
 	}
 	for _, n := range w.cfg.Names {
 		list, err := c.SensorList(ctx, n)
+		if errors.Is(err, ErrFail) {
+			c.log.Warn("katcp: sensor watcher: the device has no such sensor", "sensor", n, "err", err)
+			continue // the others are still watched
+		}
 		if err != nil {
 			return err
 		}

@@ -82,11 +82,11 @@ func TestClientSetSamplingWithoutBulk(t *testing.T) {
 		c, d, _ := connect(t, ClientConfig{}, cLibraryV4Hello)
 		ech := make(chan error, 1)
 		go func() {
-			ech <- c.SetSampling(context.Background(), []string{"a", "b"}, StrategyPeriod, 250*time.Millisecond)
+			ech <- c.SetSampling(context.Background(), []string{"a", "b"}, StrategyPeriod, 0.25)
 		}()
-		d.expect("?sensor-sampling a period 250\n") // v4: milliseconds
+		d.expect("?sensor-sampling a period 250.0\n") // v4: milliseconds
 		d.send("!sensor-sampling ok a period 250\n")
-		d.expect("?sensor-sampling b period 250\n")
+		d.expect("?sensor-sampling b period 250.0\n")
 		d.send("!sensor-sampling fail unknown\\_sensor\n")
 		if err := <-ech; !errors.Is(err, ErrFail) {
 			t.Errorf("err = %v", err)
@@ -113,7 +113,8 @@ func TestParseReadings(t *testing.T) {
 	if err != nil || !rs[0].Timestamp.Equal(time.Unix(1700000000, 25e7)) {
 		t.Fatalf("v4: %+v, %v", rs, err)
 	}
-	for _, bad := range []string{"1.0", "x 1 a nominal 1", "1.0 2 a nominal 1", "1.0 1 a great 1", "1.0 -1"} {
+	for _, bad := range []string{"1.0", "x 1 a nominal 1", "1.0 2 a nominal 1", "1.0 1 a great 1", "1.0 -1",
+		"0.0 6148914691236517206 a b", "0.0 9223372036854775807 a b c"} { // counts whose 3*n overflows
 		if _, err := ParseReadings(args(bad), false); !errors.Is(err, ErrBadValue) {
 			t.Errorf("ParseReadings(%q) error = %v", bad, err)
 		}
@@ -207,7 +208,9 @@ func TestSensorWatcher(t *testing.T) {
 		d2.expect("?sensor-list[4] b\n")
 		d2.send("#sensor-list[4] b B \\@ boolean\n!sensor-list[4] ok 1\n")
 		d2.expect("?sensor-list[5] a\n")
-		d2.send("!sensor-list[5] fail unknown\\_sensor\n")
+		d2.send("!sensor-list[5] fail unknown\\_sensor\n") // skipped: b is still watched
+		d2.expect("?sensor-sampling[6] b event\n")
+		d2.send("!sensor-sampling[6] fail busy\n")
 		synctest.Wait()
 		if s, err := w.State(); s != Unsynced || !errors.Is(err, ErrFail) {
 			t.Errorf("state after a failed resync = %v, %v", s, err)

@@ -274,6 +274,22 @@ func TestClientV4(t *testing.T) {
 	})
 }
 
+func TestClientV4ByVersionConnect(t *testing.T) {
+	// The C library's default build announces 4.9 with #version-connect.
+	synctest.Test(t, func(t *testing.T) {
+		c, d, _ := connect(t, ClientConfig{}, "#version-connect katcp-protocol 4.9-M\n")
+		if v := c.Protocol().Version; v.Major != 4 || v.Minor != 9 {
+			t.Errorf("version %v", v)
+		}
+		ch := goRequest(c, context.Background(), "watchdog")
+		d.expect("?watchdog\n") // no message ids in v4
+		d.send("!watchdog ok\n")
+		if res := <-ch; res.err != nil {
+			t.Fatal(res.err)
+		}
+	})
+}
+
 func TestClientDefaultTimeoutAndLateReply(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		c, d, _ := connect(t, ClientConfig{}, aiokatcpHello)

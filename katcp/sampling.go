@@ -8,6 +8,12 @@ import (
 	"time"
 )
 
+// Limits on sampling periods.
+const (
+	minSamplingPeriod = time.Millisecond
+	maxSamplingPeriod = 1000 * 24 * time.Hour
+)
+
 // samplingParams is a parsed strategy with its parameters.
 type samplingParams struct {
 	strategy Strategy
@@ -46,7 +52,19 @@ func parseSampling(args [][]byte, typ SensorType, v4 bool) (samplingParams, erro
 	if v4 {
 		unit = time.Millisecond
 	}
-	dur := func(f float64) time.Duration { return time.Duration(f * float64(unit)) }
+	for _, f := range nums {
+		if f*float64(unit) > float64(maxSamplingPeriod) {
+			return p, fmt.Errorf("strategy %v: parameter %v is too large", st, f)
+		}
+	}
+	// Periods below minSamplingPeriod are raised to it, so that no client
+	// can make the server spin.
+	dur := func(f float64) time.Duration {
+		if f == 0 {
+			return 0
+		}
+		return max(time.Duration(f*float64(unit)), minSamplingPeriod)
+	}
 	numeric := typ == SensorInteger || typ == SensorFloat
 	switch st {
 	case StrategyPeriod:
@@ -95,6 +113,11 @@ type sampler struct {
 func startSampler(conn *serverConn, s *Sensor, p samplingParams) *sampler {
 	sm := &sampler{conn: conn, sensor: s, p: p}
 	sm.mu.Lock()
+	// Observe before reading the current value: a Set in between waits
+	// for sm.mu and is then judged against what was sent, so none is lost.
+	if p.strategy != StrategyPeriod {
+		sm.stopObs = s.Observe(sm.update)
+	}
 	sm.sendLocked(s.Reading())
 	switch p.strategy {
 	case StrategyPeriod:
@@ -105,9 +128,6 @@ func startSampler(conn *serverConn, s *Sensor, p samplingParams) *sampler {
 		}
 	}
 	sm.mu.Unlock()
-	if p.strategy != StrategyPeriod {
-		sm.stopObs = s.Observe(sm.update)
-	}
 	return sm
 }
 

@@ -50,9 +50,10 @@ type Sensor struct {
 	nominal *[2]float64
 	warn    *[2]float64
 
-	mu      sync.Mutex // guards reading and value
-	reading Reading    // Value holds the v5 wire form
-	value   any
+	notifyMu sync.Mutex // held while a reading is stored and observed
+	mu       sync.Mutex // guards reading and value
+	reading  Reading    // Value holds the v5 wire form
+	value    any
 
 	observers atomic.Pointer[[]*sensorObserver] // copy on write
 	obsMu     sync.Mutex                        // serialises writers of observers
@@ -190,6 +191,10 @@ func (s *Sensor) SetReading(ts time.Time, status Status, v any) error {
 	} else if status.ValidValue() || status == StatusUnknown {
 		return fmt.Errorf("%w: sensor %s: status %v needs a value", ErrBadValue, s.info.Name, status)
 	}
+	// notifyMu keeps observers seeing readings in the order they were
+	// stored, even when several goroutines set the sensor.
+	s.notifyMu.Lock()
+	defer s.notifyMu.Unlock()
 	s.mu.Lock()
 	if raw == nil {
 		raw, typed = s.reading.Value, s.value

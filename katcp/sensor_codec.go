@@ -110,7 +110,7 @@ func ParseReadings(args [][]byte, v4 bool) ([]Reading, error) {
 	if err != nil {
 		return nil, err
 	}
-	if n < 0 || int64(len(args)-2) != 3*n {
+	if rest := len(args) - 2; n < 0 || rest%3 != 0 || n != int64(rest/3) {
 		return nil, fmt.Errorf("%w: sensor readings: count %d but %d arguments follow", ErrBadValue, n, len(args)-2)
 	}
 	out := make([]Reading, n)

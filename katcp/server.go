@@ -398,7 +398,10 @@ func (s *Server) removeConn(c *serverConn) {
 // Shutdown stops the server gracefully: it stops accepting, lets the
 // requests being handled finish until ctx ends, then sends #disconnect to
 // every client and closes the connections. It returns ctx's error if ctx
-// ended first (the connections are closed anyway).
+// ended first (the connections are closed anyway). It waits for the
+// handlers, so a handler must not call it (or Close) other than as
+// `go srv.Shutdown(ctx)`; ?halt stops the server without waiting, and its
+// caller then calls Close, as after any Serve, to release the workers.
 func (s *Server) Shutdown(ctx context.Context) error {
 	conns := s.beginShutdown()
 	for _, c := range conns {

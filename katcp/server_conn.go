@@ -236,11 +236,10 @@ func (c *serverConn) takeLocked() []byte {
 // write writes out with the stall deadline (close sets its own).
 func (c *serverConn) write(out []byte) error {
 	c.wmu.Lock()
-	closed := c.closed
-	c.wmu.Unlock()
-	if !closed {
+	if !c.closed { // under wmu: close's short flush deadline is never pushed back
 		c.stall.extend(c.nc)
 	}
+	c.wmu.Unlock()
 	_, err := c.nc.Write(out)
 	return err
 }
@@ -419,14 +418,14 @@ func (c *serverConn) close(reason string) {
 			c.wbuf, _ = AppendMessage(c.wbuf, &m)
 		}
 		c.closed = true
+		// The write loop flushes for at most a second; serve closes the
+		// socket once it has.
+		c.nc.SetWriteDeadline(time.Now().Add(time.Second))
 		c.wmu.Unlock()
 		select {
 		case c.wsignal <- struct{}{}:
 		default:
 		}
-		// The write loop flushes for at most a second; serve closes the
-		// socket once it has.
-		c.nc.SetWriteDeadline(time.Now().Add(time.Second))
 		c.nc.SetReadDeadline(time.Now())
 		close(c.closedCh)
 	})
