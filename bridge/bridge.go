@@ -100,6 +100,15 @@ func (b *Bridge) Start() error {
 	if !b.started.CompareAndSwap(false, true) {
 		return errors.New("bridge: already started")
 	}
+	// The workers exist before the service does: its STATS handler reads
+	// the map, which is not written after this.
+	for _, d := range b.cfg.Devices {
+		w, err := newWorker(b, d)
+		if err != nil {
+			return err
+		}
+		b.workers[d.Name] = w
+	}
 	svc, err := micro.AddService(b.nc, micro.Config{
 		Name:        ServiceName,
 		Version:     Version,
@@ -117,16 +126,12 @@ func (b *Bridge) Start() error {
 	}
 	b.svc = svc
 	for _, d := range b.cfg.Devices {
-		w, err := newWorker(b, d)
-		if err != nil {
-			b.abort()
-			return err
-		}
-		b.workers[d.Name] = w
+		w := b.workers[d.Name]
+		// The default queue group: should two bridges ever serve one
+		// device (a rolling update), each request still runs once.
 		err = svc.AddEndpoint(d.Name, micro.HandlerFunc(w.handle),
 			micro.WithEndpointSubject(b.scheme.Requests(d.Name)),
-			micro.WithEndpointMetadata(map[string]string{"address": d.Address, "device": d.Name}),
-			micro.WithEndpointQueueGroupDisabled())
+			micro.WithEndpointMetadata(map[string]string{"address": d.Address, "device": d.Name}))
 		if err != nil {
 			b.abort()
 			return fmt.Errorf("bridge: endpoint for %s: %w", d.Name, err)
@@ -189,7 +194,9 @@ func (b *Bridge) Shutdown(ctx context.Context) error {
 	for _, w := range b.workers {
 		w.stop("bridge shutting down")
 	}
-	if ferr := b.nc.FlushWithContext(ctx); ferr != nil && err == nil && !errors.Is(ferr, nats.ErrConnectionClosed) {
+	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	if ferr := b.nc.FlushWithContext(fctx); ferr != nil && err == nil && !errors.Is(ferr, nats.ErrConnectionClosed) {
 		err = fmt.Errorf("bridge: flush: %w", ferr)
 	}
 	return err
@@ -240,20 +247,23 @@ func (b *Bridge) respond(ctx context.Context, req micro.Request, body []byte, st
 	if status != "" {
 		h.Set(HeaderStatus, status)
 	}
+	// Bodies over the payload limit go in parts; the last carries the
+	// headers, for errors as for successes.
+	max := int(b.nc.MaxPayload())
+	limit := max - min(4096, max/2) // room for headers
+	for len(body) > limit {
+		chunk := &nats.Msg{Subject: req.Reply(), Data: body[:limit], Header: nats.Header{HeaderMore: []string{"1"}}}
+		if err := b.nc.PublishMsg(chunk); err != nil {
+			return err
+		}
+		body = body[limit:]
+	}
 	if er != nil {
 		h.Set(HeaderSource, er.source)
 		if er.status != "" {
 			h.Set(HeaderStatus, er.status)
 		}
 		return req.Error(strconv.Itoa(er.code), er.text, body, micro.WithHeaders(micro.Headers(h)))
-	}
-	limit := int(b.nc.MaxPayload()) - 4096 // room for headers
-	for len(body) > limit && limit > 0 {
-		chunk := &nats.Msg{Subject: req.Reply(), Data: body[:limit], Header: nats.Header{HeaderMore: []string{"1"}}}
-		if err := b.nc.PublishMsg(chunk); err != nil {
-			return err
-		}
-		body = body[limit:]
 	}
 	return req.Respond(body, micro.WithHeaders(micro.Headers(h)))
 }

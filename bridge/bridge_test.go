@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"strings"
 	"sync"
 	"testing"
@@ -284,6 +285,22 @@ func TestBridgeLargeReplyInChunks(t *testing.T) {
 	if r.Informs[2001].Arg(0) != "pump.speed" {
 		t.Errorf("last inform %v", r.Informs[2001])
 	}
+	// A refusal as large travels the same way, headers on the last part.
+	f.dev.Handle("bigfail", "", func(ctx context.Context, w *katcp.ReplyWriter, r *katcp.Request) error {
+		for i := range 2000 {
+			w.Inform(i, "a line long enough to need several messages")
+		}
+		return katcp.Fail("too much")
+	})
+	waitFor(t, "bigfail to be known", func() bool {
+		_, err := f.client.Request(ctxFor(t), "m000", "bigfail")
+		return !errors.Is(err, natsclient.ErrUnknown)
+	})
+	r, err = f.client.Request(ctxFor(t), "m000", "bigfail")
+	var re *katcp.ReplyError
+	if !errors.As(err, &re) || re.Reason != "too much" || r == nil || len(r.Informs) != 2000 {
+		t.Errorf("large refusal: %v, %d informs", err, len(r.Informs))
+	}
 }
 
 func TestBridgeSensorsInformsAndStatus(t *testing.T) {
@@ -330,7 +347,7 @@ func TestBridgeSensorsInformsAndStatus(t *testing.T) {
 		mu.Lock()
 		defer mu.Unlock()
 		us := updates["pump.speed"]
-		return len(us) > 0 && us[len(us)-1].Value == 99.5
+		return len(us) > 0 && num(us[len(us)-1].Value) == 99.5
 	})
 	mu.Lock()
 	u := updates["pump.speed"][len(updates["pump.speed"])-1]
@@ -375,7 +392,7 @@ func TestBridgeSensorsInformsAndStatus(t *testing.T) {
 		mu.Lock()
 		defer mu.Unlock()
 		us := updates["pump.speed"]
-		return len(us) > 0 && us[len(us)-1].Value == 7.0
+		return len(us) > 0 && num(us[len(us)-1].Value) == 7.0
 	})
 	waitFor(t, "the string sensor's value, in base64", func() bool {
 		mu.Lock()
@@ -468,4 +485,14 @@ func TestBridgeConfigValidate(t *testing.T) {
 			t.Errorf("config %d accepted", i)
 		}
 	}
+}
+
+// num reads a sensor value published as a JSON number.
+func num(v any) float64 {
+	n, ok := v.(json.Number)
+	if !ok {
+		return math.NaN()
+	}
+	f, _ := n.Float64()
+	return f
 }

@@ -67,6 +67,9 @@ func DecodeArgs(body []byte, isJSON bool) ([][]byte, error) {
 }
 
 func decodeJSONArg(r json.RawMessage) ([]byte, error) {
+	if string(r) == "null" {
+		return nil, errors.New(`null is not an argument (use "" for an empty one)`)
+	}
 	var s string
 	if err := json.Unmarshal(r, &s); err == nil {
 		return []byte(s), nil
@@ -171,7 +174,7 @@ func sensorDocument(device string, u katcp.SensorUpdate) SensorUpdate {
 		Device:    device,
 		Name:      u.Name,
 		Type:      u.Type.String(),
-		Timestamp: float64(u.Timestamp.UnixNano()) / 1e9,
+		Timestamp: seconds(u.Timestamp),
 		Status:    u.Status.String(),
 	}
 	if !u.Status.ValidValue() || u.Value == nil {
@@ -191,14 +194,21 @@ func sensorDocument(device string, u katcp.SensorUpdate) SensorUpdate {
 		}
 	case []byte:
 		doc.Value = jsonArg(v)
+	case string:
+		doc.Value = jsonArg(v) // base64 if a discrete value is not UTF-8
 	case time.Time:
-		doc.Value = float64(v.UnixNano()) / 1e9
+		doc.Value = seconds(v)
 	case katcp.Address:
 		doc.Value = v.String()
 	default:
 		doc.Value = v
 	}
 	return doc
+}
+
+// seconds returns t as seconds since the Unix epoch, for any year.
+func seconds(t time.Time) float64 {
+	return float64(t.Unix()) + float64(t.Nanosecond())/1e9
 }
 
 // Status is the JSON document of a device's state on its status subject.
@@ -223,7 +233,7 @@ func appendSensorJSON(b []byte, device string, u katcp.SensorUpdate) []byte {
 	b = append(b, `,"type":`...)
 	b = appendJSONString(b, u.Type.String())
 	b = append(b, `,"timestamp":`...)
-	b = appendJSONFloat(b, float64(u.Timestamp.UnixNano())/1e9)
+	b = appendJSONFloat(b, seconds(u.Timestamp))
 	b = append(b, `,"status":`...)
 	b = appendJSONString(b, u.Status.String())
 	b = append(b, `,"value":`...)
@@ -247,17 +257,11 @@ func appendSensorJSON(b []byte, device string, u katcp.SensorUpdate) []byte {
 	case bool:
 		b = strconv.AppendBool(b, v)
 	case string:
-		b = appendJSONString(b, v)
+		b = appendJSONBytes(b, []byte(v))
 	case []byte:
-		if utf8.Valid(v) {
-			b = appendJSONString(b, string(v))
-		} else {
-			b = append(b, `{"base64":"`...)
-			b = base64.StdEncoding.AppendEncode(b, v)
-			b = append(b, `"}`...)
-		}
+		b = appendJSONBytes(b, v)
 	case time.Time:
-		b = appendJSONFloat(b, float64(v.UnixNano())/1e9)
+		b = appendJSONFloat(b, seconds(v))
 	case katcp.Address:
 		b = appendJSONString(b, v.String())
 	default:
@@ -265,6 +269,17 @@ func appendSensorJSON(b []byte, device string, u katcp.SensorUpdate) []byte {
 		b = append(b, j...)
 	}
 	return append(b, '}')
+}
+
+// appendJSONBytes writes v as a JSON string when it is UTF-8, else as
+// {"base64": "..."}, as jsonArg marshals.
+func appendJSONBytes(b, v []byte) []byte {
+	if utf8.Valid(v) {
+		return appendJSONString(b, string(v))
+	}
+	b = append(b, `{"base64":"`...)
+	b = base64.StdEncoding.AppendEncode(b, v)
+	return append(b, `"}`...)
 }
 
 // appendJSONFloat writes f as encoding/json does.

@@ -26,6 +26,8 @@ func TestAppendSensorJSONMatchesEncodingJSON(t *testing.T) {
 		{Reading: katcp.Reading{Name: "when", Timestamp: ts, Status: katcp.StatusNominal}, Type: katcp.SensorTimestamp, Value: time.Unix(1600000000, 5e8)},
 		{Reading: katcp.Reading{Name: "peer", Timestamp: ts, Status: katcp.StatusNominal}, Type: katcp.SensorAddress, Value: katcp.Address{Addr: netip.MustParseAddr("::1"), Port: 7147, HasPort: true}},
 		{Reading: katcp.Reading{Name: "gone", Timestamp: ts, Status: katcp.StatusUnreachable}, Type: katcp.SensorFloat},
+		{Reading: katcp.Reading{Name: "mode2", Timestamp: ts, Status: katcp.StatusNominal}, Type: katcp.SensorDiscrete, Value: "caf\xe9"},
+		{Reading: katcp.Reading{Name: "far", Timestamp: time.Unix(1e11, 0), Status: katcp.StatusNominal}, Type: katcp.SensorTimestamp, Value: time.Unix(1e11, 25e7)},
 		{Reading: katcp.Reading{Name: "bad\xffname", Timestamp: ts, Status: katcp.StatusFailure}, Type: katcp.SensorInteger, Value: int64(1)},
 	}
 	for _, u := range updates {
@@ -52,4 +54,20 @@ func BenchmarkSensorJSON(b *testing.B) {
 			json.Marshal(sensorDocument("m000", u))
 		}
 	})
+}
+
+func TestDecodeArgsRejectsNull(t *testing.T) {
+	if _, err := DecodeArgs([]byte(`["a", null]`), true); err == nil {
+		t.Error("null accepted as an argument")
+	}
+	args, err := DecodeArgs([]byte(`["a", "", {"base64": "/w=="}, 2.5]`), true)
+	if err != nil || len(args) != 4 || string(args[2]) != "\xff" || string(args[3]) != "2.5" {
+		t.Errorf("%q %v", args, err)
+	}
+}
+
+func TestSecondsBeyond2262(t *testing.T) {
+	if got := seconds(time.Unix(1e11, 5e8)); got != 1e11+0.5 {
+		t.Errorf("seconds = %v", got)
+	}
 }

@@ -4,8 +4,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -54,12 +56,15 @@ type Duration time.Duration
 func (d *Duration) UnmarshalJSON(b []byte) error {
 	s := strings.Trim(string(b), `"`)
 	if v, err := time.ParseDuration(s); err == nil {
+		if v < 0 {
+			return fmt.Errorf("bad duration %s: negative", b)
+		}
 		*d = Duration(v)
 		return nil
 	}
 	f, err := katcp.ParseFloat([]byte(s))
-	if err != nil || f < 0 {
-		return fmt.Errorf("bad duration %s: want \"1.5s\" or seconds", b)
+	if err != nil || f < 0 || f > 1e6 {
+		return fmt.Errorf("bad duration %s: want \"1.5s\" or seconds (at most 1e6)", b)
 	}
 	*d = Duration(f * float64(time.Second))
 	return nil
@@ -109,8 +114,11 @@ func (c *Config) Validate() error {
 			errs = append(errs, fmt.Errorf("device %q is configured twice", d.Name))
 		}
 		seen[d.Name] = true
-		if d.Address == "" || !strings.Contains(d.Address, ":") {
+		if host, port, err := net.SplitHostPort(d.Address); err != nil || host == "" || !validPort(port) {
 			errs = append(errs, fmt.Errorf("device %q: address %q is not host:port", d.Name, d.Address))
+		}
+		if d.Timeout < 0 {
+			errs = append(errs, fmt.Errorf("device %q: negative timeout", d.Name))
 		}
 		for _, s := range d.Sensors {
 			if _, err := s.compile(); err != nil {
@@ -126,7 +134,15 @@ func (c *Config) Validate() error {
 	if c.DefaultTimeout < 0 || c.MaxTimeout < 0 {
 		errs = append(errs, errors.New("timeouts must not be negative"))
 	}
+	if c.DefaultTimeout > 0 && c.MaxTimeout > 0 && c.MaxTimeout < c.DefaultTimeout {
+		errs = append(errs, fmt.Errorf("the maximum timeout %v is below the default %v", c.MaxTimeout, c.DefaultTimeout))
+	}
 	return errors.Join(errs...)
+}
+
+func validPort(p string) bool {
+	n, err := strconv.Atoi(p)
+	return err == nil && n > 0 && n < 65536
 }
 
 // compiled is a SensorSubscription ready to use.

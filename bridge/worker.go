@@ -316,7 +316,10 @@ func (w *worker) serve(req micro.Request) {
 	if er != nil {
 		span.SetStatus(codes.Error, er.text)
 		span.SetAttributes(attribute.Int("katcp.error_code", er.code), attribute.String("katcp.error_source", er.source))
-		if outcome == "" {
+		switch {
+		case er.status != "":
+			outcome = er.status // the device answered: fail, invalid, ...
+		case outcome == "":
 			outcome = fmt.Sprintf("error-%d", er.code)
 		}
 	}
@@ -343,15 +346,22 @@ func (w *worker) run(ctx context.Context, req micro.Request, p subjects.Parsed, 
 	}
 	if v := h.Get(HeaderTimeout); v != "" {
 		f, err := katcp.ParseFloat([]byte(v))
-		if err != nil || f <= 0 || f != f {
+		if err != nil || !(f > 0) {
 			return nil, "", errBadRequest("header %s: %q is not a positive number of seconds", HeaderTimeout, v)
 		}
-		timeout = time.Duration(f * float64(time.Second))
+		if f >= b.cfg.MaxTimeout.Seconds() { // also before converting: no overflow
+			timeout = b.cfg.MaxTimeout
+		} else {
+			timeout = time.Duration(f * float64(time.Second))
+		}
 	}
 	timeout = min(timeout, b.cfg.MaxTimeout)
 	args, err := DecodeArgs(req.Data(), strings.HasPrefix(h.Get(HeaderContentType), ContentJSON))
 	if err != nil {
 		return nil, "", errBadRequest("%v", err)
+	}
+	if w.dev.ReadOnly && p.Name == "log-level" && len(args) > 0 {
+		return nil, "", &errorReply{code: 403, source: "bridge", text: fmt.Sprintf("device %s is read-only: ?log-level may only be queried", w.dev.Name)}
 	}
 	if !w.client.Connected() {
 		return nil, "", errorFor(katcp.ErrNotConnected, w.dev.Name, timeout)

@@ -143,6 +143,13 @@ func (c *Client) do(ctx context.Context, subject string, body []byte) (*Reply, e
 		defer cancel()
 	}
 	deadline, _ := ctx.Deadline()
+	// The bridge gets a little less time than we wait, so that its
+	// timeout reply (504, ErrTimeout) reaches us before our deadline.
+	wait := time.Until(deadline)
+	wait -= min(wait/10, 250*time.Millisecond)
+	if wait < time.Millisecond {
+		return nil, fmt.Errorf("natsclient: %s: %w", subject, context.DeadlineExceeded)
+	}
 	inbox := c.nc.NewInbox()
 	sub, err := c.nc.SubscribeSync(inbox)
 	if err != nil {
@@ -150,7 +157,7 @@ func (c *Client) do(ctx context.Context, subject string, body []byte) (*Reply, e
 	}
 	defer sub.Unsubscribe()
 	msg := &nats.Msg{Subject: subject, Reply: inbox, Data: body, Header: nats.Header{}}
-	msg.Header.Set(bridge.HeaderTimeout, strconv.FormatFloat(time.Until(deadline).Seconds(), 'f', 3, 64))
+	msg.Header.Set(bridge.HeaderTimeout, strconv.FormatFloat(wait.Seconds(), 'f', 3, 64))
 	bridge.Inject(ctx, c.prop, msg.Header)
 	if err := c.nc.PublishMsg(msg); err != nil {
 		return nil, err
@@ -206,9 +213,15 @@ func decodeReply(h nats.Header, data []byte) (*Reply, error) {
 	return r, r.Err()
 }
 
-// Status asks for a device's current state.
+// Status asks for a device's current state (waiting at most 5 s when ctx
+// has no deadline).
 func (c *Client) Status(ctx context.Context, device string) (bridge.Status, error) {
 	var st bridge.Status
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+	}
 	msg, err := c.nc.RequestWithContext(ctx, c.scheme.Status(device), nil)
 	if errors.Is(err, nats.ErrNoResponders) {
 		return st, fmt.Errorf("%w: %s", ErrNotServed, device)
@@ -222,7 +235,8 @@ func (c *Client) Status(ctx context.Context, device string) (bridge.Status, erro
 // SensorHandler receives a sensor update and the context of its trace.
 type SensorHandler func(ctx context.Context, u bridge.SensorUpdate)
 
-// SubscribeSensors delivers the updates of a device's sensors ("*" for
+// SubscribeSensors delivers the updates (numbers in Value are
+// json.Number, exact for any integer) of a device's sensors ("*" for
 // every device) whose names match pattern: an exact name, or a prefix
 // ending in ".>" ("pump.>"), or ">" for all. Malformed documents are
 // skipped.
@@ -230,7 +244,9 @@ func (c *Client) SubscribeSensors(device, pattern string, f SensorHandler) (*nat
 	subject := c.scheme.Device(device) + ".sensor." + sensorPattern(pattern)
 	return c.nc.Subscribe(subject, func(m *nats.Msg) {
 		var u bridge.SensorUpdate
-		if json.Unmarshal(m.Data, &u) != nil {
+		dec := json.NewDecoder(bytes.NewReader(m.Data))
+		dec.UseNumber() // integers beyond 2^53 stay exact (json.Number)
+		if dec.Decode(&u) != nil {
 			return
 		}
 		f(bridge.Extract(context.Background(), c.prop, m.Header), u)

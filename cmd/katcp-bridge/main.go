@@ -117,6 +117,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	if len(devices) == 0 && !cfg.Demo {
+		return errors.New("no devices: set KATCP_BRIDGE_DEVICES or KATCP_BRIDGE_DEVICES_FILE, or run with --demo")
+	}
+	if cfg.ShutdownTimeout <= 0 {
+		return fmt.Errorf("KATCP_BRIDGE_SHUTDOWN_TIMEOUT must be positive, not %v", cfg.ShutdownTimeout)
+	}
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -209,6 +215,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	case err = <-httpErr:
 	}
 	log.Info("katcp-bridge shutting down")
+	signal.Reset(os.Interrupt, syscall.SIGTERM) // a second signal ends the process at once
 	sctx, done := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer done()
 	if serr := b.Shutdown(sctx); serr != nil {
@@ -358,19 +365,23 @@ func connectNATS(url string, cfg Config, log *slog.Logger, m *bridge.Metrics) (*
 	return nc, nil
 }
 
+// drain sends what is buffered (final replies and statuses) and closes
+// the connection, waiting at most timeout, also while reconnecting.
 func drain(nc *nats.Conn, timeout time.Duration) error {
-	if !nc.IsConnected() {
+	if nc.IsClosed() {
 		return nil
 	}
 	closed := make(chan struct{})
 	nc.SetClosedHandler(func(*nats.Conn) { close(closed) })
 	if err := nc.Drain(); err != nil {
+		nc.Close()
 		return err
 	}
 	select {
 	case <-closed:
 		return nil
 	case <-time.After(timeout):
+		nc.Close()
 		return errors.New("drain timed out")
 	}
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -127,11 +128,16 @@ func sensorValueArg(typ string, v any) any {
 		return ""
 	case bool, string:
 		return v
-	case float64:
+	case json.Number:
 		if typ == "integer" {
-			return int64(v)
+			if n, err := v.Int64(); err == nil {
+				return n
+			}
 		}
-		return v
+		if f, err := v.Float64(); err == nil {
+			return f
+		}
+		return v.String()
 	case map[string]any:
 		if s, ok := v["base64"].(string); ok {
 			if b, err := base64.StdEncoding.DecodeString(s); err == nil {
