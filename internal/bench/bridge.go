@@ -115,29 +115,7 @@ func rawPublishRate(url string, d time.Duration) (float64, error) {
 	}
 	defer pub.Close()
 	payload := []byte(`{"device":"d","name":"s.0","type":"integer","timestamp":1700000000.5,"status":"nominal","value":12345}`)
-	stop := make(chan struct{})
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for i := 0; ; i++ {
-			if i%1024 == 0 {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-			}
-			pub.Publish("raw.sensor", payload)
-		}
-	}()
-	time.Sleep(d / 10)
-	start, n0 := time.Now(), got.Load()
-	time.Sleep(d)
-	n := got.Load() - n0
-	elapsed := time.Since(start)
-	close(stop)
-	<-done
-	return float64(n) / elapsed.Seconds(), nil
+	return flatOut(d, &got, func(i int64) { pub.Publish("raw.sensor", payload) }), nil
 }
 
 // benchBridge runs a bridge over n in-process devices.
@@ -324,29 +302,7 @@ func bridgeSensorRate(url string, bb *benchBridge, d time.Duration) (float64, er
 	s.SetPendingLimits(-1, -1)
 	sub.Flush()
 	sensor, _ := bb.devs[0].srv.Sensors().Get("s.0")
-	stop := make(chan struct{})
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for i := int64(1); ; i++ {
-			if i%1024 == 0 {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-			}
-			sensor.Set(i)
-		}
-	}()
-	time.Sleep(d / 10)
-	start, n0 := time.Now(), got.Load()
-	time.Sleep(d)
-	n := got.Load() - n0
-	elapsed := time.Since(start)
-	close(stop)
-	<-done
-	return float64(n) / elapsed.Seconds(), nil
+	return flatOut(d, &got, func(i int64) { sensor.Set(i) }), nil
 }
 
 // MemoryRow measures the bridge's memory per connected, idle device with
