@@ -567,6 +567,18 @@ func (cc *clientConn) abandon(cl *call) {
 			}
 		}
 	}
+	if mid := cl.req.MID; mid != 0 && cl.sent && cc.byMID != nil && !cl.abandoned() {
+		// An id is not reused for 2^31 requests, so its entry can go
+		// after a while: a device that never answers does not grow the
+		// table. A reply after that counts as unexpected.
+		time.AfterFunc(max(4*cc.c.cfg.RequestTimeout, time.Minute), func() {
+			cc.mu.Lock()
+			if cc.byMID != nil && cc.byMID[mid] == cl {
+				delete(cc.byMID, mid)
+			}
+			cc.mu.Unlock()
+		})
+	}
 	cc.mu.Unlock()
 	cl.finish(nil, nil)
 }

@@ -315,6 +315,17 @@ func TestClientDefaultTimeoutAndLateReply(t *testing.T) {
 		if got := c.Stats().LateReplies; got != 1 {
 			t.Errorf("LateReplies = %d, want 1", got)
 		}
+		// An abandoned id is forgotten after a while: a reply that late
+		// is unexpected, and the table does not grow.
+		ch = goRequest(c, context.Background(), "never")
+		d.expect("?never[3]\n")
+		<-ch
+		time.Sleep(time.Minute + time.Second) // past the grace after the 5 s timeout
+		d.send("!never[3] ok\n")
+		synctest.Wait()
+		if s := c.Stats(); s.LateReplies != 1 || s.UnexpectedReplies != 1 {
+			t.Errorf("stats %+v", s)
+		}
 	})
 }
 
