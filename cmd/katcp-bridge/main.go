@@ -123,6 +123,17 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if cfg.ShutdownTimeout <= 0 {
 		return fmt.Errorf("KATCP_BRIDGE_SHUTDOWN_TIMEOUT must be positive, not %v", cfg.ShutdownTimeout)
 	}
+	bcfg := bridge.Config{
+		Devices:        devices,
+		Prefix:         cfg.Prefix,
+		DefaultTimeout: cfg.DefaultTimeout,
+		MaxTimeout:     cfg.MaxTimeout,
+		MaxInFlight:    cfg.MaxInFlight,
+		Logger:         log,
+	}
+	if err := bcfg.Validate(); err != nil { // before starting anything
+		return fmt.Errorf("configuration: %w", err)
+	}
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -173,17 +184,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if instance == "" {
 		instance, _ = os.Hostname()
 	}
-	b, err := bridge.New(nc, bridge.Config{
-		Devices:        devices,
-		Prefix:         cfg.Prefix,
-		Instance:       instance,
-		DefaultTimeout: cfg.DefaultTimeout,
-		MaxTimeout:     cfg.MaxTimeout,
-		MaxInFlight:    cfg.MaxInFlight,
-		Logger:         log,
-		TracerProvider: tp,
-		Metrics:        metrics,
-	})
+	bcfg.Devices = devices // with the demo device
+	bcfg.Instance = instance
+	bcfg.TracerProvider = tp
+	bcfg.Metrics = metrics
+	b, err := bridge.New(nc, bcfg)
 	if err != nil {
 		return fmt.Errorf("configuration: %w", err)
 	}
