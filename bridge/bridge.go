@@ -43,10 +43,11 @@ type Bridge struct {
 	metrics  *Metrics
 	instance string
 
-	svc      micro.Service
-	workers  map[string]*worker // fixed after Start
-	started  atomic.Bool
-	draining atomic.Bool
+	svc        micro.Service
+	workers    map[string]*worker // fixed after Start
+	started    atomic.Bool
+	draining   atomic.Bool
+	lastValues atomic.Bool // sensor updates are kept in JetStream
 
 	trackMu  sync.Mutex     // orders inflight.Add before Shutdown's Wait
 	inflight sync.WaitGroup // request goroutines
@@ -100,6 +101,7 @@ func (b *Bridge) Start() error {
 	if !b.started.CompareAndSwap(false, true) {
 		return errors.New("bridge: already started")
 	}
+	b.setupLastValues()
 	// The workers exist before the service does: its STATS handler reads
 	// the map, which is not written after this.
 	for _, d := range b.cfg.Devices {
@@ -113,7 +115,7 @@ func (b *Bridge) Start() error {
 		Name:        ServiceName,
 		Version:     Version,
 		Description: "KATCP devices on NATS",
-		Metadata:    map[string]string{"instance": b.instance, "prefix": b.scheme.Prefix()},
+		Metadata:    map[string]string{"instance": b.instance, "prefix": b.scheme.Prefix(), "last_values": strconv.FormatBool(b.lastValues.Load())},
 		StatsHandler: func(e *micro.Endpoint) any {
 			if w := b.workers[e.Name]; w != nil {
 				return w.status()
@@ -241,7 +243,14 @@ func errorFor(err error, device string, timeout time.Duration) *errorReply {
 }
 
 // respond sends a reply (possibly in chunks) or an error to the caller.
+// It publishes to the reply subject itself rather than through
+// micro.Request's Respond and Error: those record state that the micro
+// service reads when the endpoint handler returns, and the handler has
+// returned long before (the request runs on its own goroutine).
 func (b *Bridge) respond(ctx context.Context, req micro.Request, body []byte, status string, er *errorReply) error {
+	if req.Reply() == "" {
+		return nil // published without a reply subject: nobody to answer
+	}
 	h := nats.Header{}
 	Inject(ctx, b.prop, h)
 	if status != "" {
@@ -263,14 +272,20 @@ func (b *Bridge) respond(ctx context.Context, req micro.Request, body []byte, st
 		if er.status != "" {
 			h.Set(HeaderStatus, er.status)
 		}
-		return req.Error(strconv.Itoa(er.code), er.text, body, micro.WithHeaders(micro.Headers(h)))
+		h.Set(micro.ErrorHeader, er.text)
+		h.Set(micro.ErrorCodeHeader, strconv.Itoa(er.code))
 	}
-	return req.Respond(body, micro.WithHeaders(micro.Headers(h)))
+	return b.nc.PublishMsg(&nats.Msg{Subject: req.Reply(), Data: body, Header: h})
 }
 
 // publish sends an inform or sensor update with a producer span whose
 // context travels in the message headers.
 func (b *Bridge) publish(subject, spanName string, data []byte, attrs ...attribute.KeyValue) {
+	b.publishMsg(subject, spanName, data, "", attrs...)
+}
+
+// publishMsg is publish with a JetStream message id ("" for none).
+func (b *Bridge) publishMsg(subject, spanName string, data []byte, id string, attrs ...attribute.KeyValue) {
 	ctx, span := b.tracer.Start(context.Background(), spanName,
 		trace.WithSpanKind(trace.SpanKindProducer),
 		trace.WithAttributes(append(attrs,
@@ -279,9 +294,12 @@ func (b *Bridge) publish(subject, spanName string, data []byte, attrs ...attribu
 			attribute.String("messaging.destination.name", subject),
 		)...))
 	msg := &nats.Msg{Subject: subject, Data: data}
-	if span.SpanContext().IsValid() {
+	if span.SpanContext().IsValid() || id != "" {
 		msg.Header = nats.Header{}
 		Inject(ctx, b.prop, msg.Header)
+		if id != "" {
+			msg.Header.Set(nats.MsgIdHdr, id)
+		}
 	}
 	if err := b.nc.PublishMsg(msg); err != nil {
 		b.metrics.drops.Add(1)

@@ -29,6 +29,9 @@ import (
 func startNATS(t *testing.T, maxPayload int32) *server.Server {
 	t.Helper()
 	opts := &server.Options{Host: "127.0.0.1", Port: -1, NoLog: true, NoSigs: true}
+	if maxPayload < 0 { // JetStream wanted
+		opts.JetStream, opts.StoreDir, maxPayload = true, t.TempDir(), 0
+	}
 	if maxPayload > 0 {
 		opts.MaxPayload = maxPayload
 	}
@@ -495,4 +498,56 @@ func num(v any) float64 {
 	}
 	f, _ := n.Float64()
 	return f
+}
+
+func TestBridgeLastValues(t *testing.T) {
+	f := startBridge(t, -1, nil) // with JetStream
+	if !f.b.LastValues() {
+		t.Fatal("last values off although JetStream is there")
+	}
+	speed, _ := f.dev.Server().Sensors().Get("pump.speed")
+	speed.Set(50.0)
+	waitFor(t, "the update to be kept", func() bool {
+		m, err := f.nc.Request("$JS.API.DIRECT.GET.KATCP_SENSORS", []byte(`{"last_by_subj":"katcp.m000.sensor.pump.speed"}`), time.Second)
+		return err == nil && strings.Contains(string(m.Data), `"value":50`)
+	})
+	// A late subscriber: the last value of every sensor, then live updates.
+	var mu sync.Mutex
+	var got []bridge.SensorUpdate
+	stop, err := f.client.SubscribeLastSensors(ctxFor(t), "m000", ">", func(_ context.Context, u bridge.SensorUpdate) {
+		mu.Lock()
+		got = append(got, u)
+		mu.Unlock()
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	waitFor(t, "the last values", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		names := map[string]bool{}
+		for _, u := range got {
+			names[u.Name] = true
+		}
+		return names["pump.speed"] && names["note"]
+	})
+	mu.Lock()
+	first := got[0]
+	for _, u := range got {
+		if u.Name == "pump.speed" {
+			first = u
+			break
+		}
+	}
+	mu.Unlock()
+	if num(first.Value) != 50 {
+		t.Errorf("last value %v, want 50", first.Value)
+	}
+	speed.Set(60.0)
+	waitFor(t, "a live update after the last values", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(got) > 0 && got[len(got)-1].Name == "pump.speed" && num(got[len(got)-1].Value) == 60
+	})
 }

@@ -89,6 +89,15 @@ type Config struct {
 	// MaxInFlight bounds the requests being handled per device (default
 	// 256); beyond it callers get a 503.
 	MaxInFlight int
+	// NoLastValues turns off the JetStream stream that keeps the last
+	// update of every sensor (on by default when JetStream is available).
+	// LastValuesStream names it (default DefaultLastValuesStream),
+	// LastValuesReplicas sets its replication (default 1) and
+	// LastValuesMemory keeps it in memory instead of files.
+	NoLastValues       bool
+	LastValuesStream   string
+	LastValuesReplicas int
+	LastValuesMemory   bool
 	// Client is the template for the devices' KATCP clients (backoff,
 	// limits). Its callbacks and logger are set by the bridge.
 	Client katcp.ClientConfig
@@ -130,6 +139,12 @@ func (c *Config) Validate() error {
 				errs = append(errs, fmt.Errorf("device %q: %q is not a request name", d.Name, r))
 			}
 		}
+	}
+	if c.LastValuesReplicas < 0 || c.LastValuesReplicas > 5 {
+		errs = append(errs, fmt.Errorf("last-values replicas must be 1..5, not %d", c.LastValuesReplicas))
+	}
+	if n := c.LastValuesStream; n != "" && strings.ContainsAny(n, " .*>\t/\\") {
+		errs = append(errs, fmt.Errorf("last-values stream name %q may not contain spaces, '.', '*', '>', '/' or '\\'", n))
 	}
 	if c.DefaultTimeout < 0 || c.MaxTimeout < 0 {
 		errs = append(errs, errors.New("timeouts must not be negative"))

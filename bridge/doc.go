@@ -65,6 +65,16 @@
 // reconnect and #interface-changed. While the device is disconnected its
 // sensors are published with status "unreachable" and a null value.
 //
+// # Last values
+//
+// When the NATS system has JetStream, the bridge creates (or updates) a
+// stream, KATCP_SENSORS by default, over "<prefix>.*.sensor.>" that keeps
+// one message per subject: the last update of every sensor. Updates carry
+// a Nats-Msg-Id (device, sensor, timestamp, status), so the copy a second
+// bridge might publish is dropped. natsclient.SubscribeLastSensors reads
+// it with an ordered consumer: every current value, then live updates.
+// Without JetStream the bridge logs so and publishes as before.
+//
 // # Tracing
 //
 // For a request, the bridge continues the caller's trace with a server

@@ -250,7 +250,11 @@ func (w *worker) inform(m katcp.Message) {
 func (w *worker) sensorUpdate(u katcp.SensorUpdate) {
 	w.b.metrics.sensorUpdates.Add(1)
 	doc := appendSensorJSON(make([]byte, 0, 160), w.dev.Name, u)
-	w.b.publish(w.b.scheme.Sensor(w.dev.Name, u.Name), "publish katcp.{device}.sensor", doc,
+	var id string
+	if w.b.lastValues.Load() {
+		id = msgID(w.dev.Name, u.Name, u.Timestamp, u.Status.String())
+	}
+	w.b.publishMsg(w.b.scheme.Sensor(w.dev.Name, u.Name), "publish katcp.{device}.sensor", doc, id,
 		attribute.String("katcp.device", w.dev.Name))
 }
 
@@ -277,13 +281,13 @@ func (w *worker) handle(req micro.Request) {
 	case w.sem <- struct{}{}:
 	default:
 		b.metrics.request(w.dev.Name, "busy", 0)
-		req.Error("503", fmt.Sprintf("device %s has %d requests in flight; try again", w.dev.Name, cap(w.sem)), nil,
-			micro.WithHeaders(micro.Headers{HeaderSource: []string{"bridge"}}))
+		b.respond(context.Background(), req, nil, "", &errorReply{code: 503, source: "bridge",
+			text: fmt.Sprintf("device %s has %d requests in flight; try again", w.dev.Name, cap(w.sem))})
 		return
 	}
 	if !b.track() {
 		<-w.sem
-		req.Error("503", "bridge shutting down", nil, micro.WithHeaders(micro.Headers{HeaderSource: []string{"bridge"}}))
+		b.respond(context.Background(), req, nil, "", &errorReply{code: 503, source: "bridge", text: "bridge shutting down"})
 		return
 	}
 	b.metrics.inFlight.Add(1)

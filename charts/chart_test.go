@@ -304,7 +304,8 @@ var servedPaths = map[string]bool{}
 
 func TestProbePathsAreServed(t *testing.T) {
 	cmd := exec.Command(bridgeBin)
-	cmd.Env = append(os.Environ(), "KATCP_BRIDGE_HTTP_ADDR=127.0.0.1:0", "KATCP_BRIDGE_EMBEDDED_NATS_PORT=0", "KATCP_BRIDGE_DEMO=true")
+	cmd.Env = append(os.Environ(), "KATCP_BRIDGE_HTTP_ADDR=127.0.0.1:0", "KATCP_BRIDGE_EMBEDDED_NATS_PORT=0", "KATCP_BRIDGE_DEMO=true",
+		"KATCP_BRIDGE_EMBEDDED_STORE_DIR="+t.TempDir())
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)

@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
@@ -72,17 +73,19 @@ func (e *Error) Is(target error) bool {
 
 // Options configure a Client.
 type Options struct {
-	Prefix         string
-	TracerProvider trace.TracerProvider // default otel.GetTracerProvider()
-	Propagator     propagation.TextMapPropagator
+	Prefix           string
+	LastValuesStream string               // the bridge's last-values stream, for SubscribeLastSensors
+	TracerProvider   trace.TracerProvider // default otel.GetTracerProvider()
+	Propagator       propagation.TextMapPropagator
 }
 
 // Client calls devices through the bridge.
 type Client struct {
-	nc     *nats.Conn
-	scheme subjects.Scheme
-	tracer trace.Tracer
-	prop   propagation.TextMapPropagator
+	lastValues string
+	nc         *nats.Conn
+	scheme     subjects.Scheme
+	tracer     trace.Tracer
+	prop       propagation.TextMapPropagator
 }
 
 // New returns a client on nc.
@@ -99,7 +102,7 @@ func New(nc *nats.Conn, o Options) (*Client, error) {
 	if prop == nil {
 		prop = propagation.TraceContext{}
 	}
-	return &Client{nc: nc, scheme: scheme, tracer: tp.Tracer("github.com/katcp-go/katcp-bridge/bridge/natsclient"), prop: prop}, nil
+	return &Client{lastValues: o.LastValuesStream, nc: nc, scheme: scheme, tracer: tp.Tracer("github.com/katcp-go/katcp-bridge/bridge/natsclient"), prop: prop}, nil
 }
 
 // Reply is a device's reply with its in-response informs.
@@ -261,6 +264,43 @@ func sensorPattern(p string) string {
 		return subjects.EscapeSensor(p[:len(p)-2]) + ".>"
 	}
 	return subjects.EscapeSensor(p)
+}
+
+// SubscribeLastSensors is SubscribeSensors for a subscriber that starts
+// late: it first delivers the last update of every matching sensor, kept
+// by the bridge in JetStream, then the live updates, in order. It needs
+// the bridge's last-values stream (Options.LastValuesStream, default
+// bridge.DefaultLastValuesStream). Call stop to end it.
+func (c *Client) SubscribeLastSensors(ctx context.Context, device, pattern string, f SensorHandler) (stop func(), err error) {
+	js, err := jetstream.New(c.nc)
+	if err != nil {
+		return nil, err
+	}
+	stream := c.lastValues
+	if stream == "" {
+		stream = bridge.DefaultLastValuesStream
+	}
+	subject := c.scheme.Device(device) + ".sensor." + sensorPattern(pattern)
+	cons, err := js.OrderedConsumer(ctx, stream, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{subject},
+		DeliverPolicy:  jetstream.DeliverLastPerSubjectPolicy,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("natsclient: last values of %s: %w", subject, err)
+	}
+	cc, err := cons.Consume(func(m jetstream.Msg) {
+		var u bridge.SensorUpdate
+		dec := json.NewDecoder(bytes.NewReader(m.Data()))
+		dec.UseNumber()
+		if dec.Decode(&u) != nil {
+			return
+		}
+		f(bridge.Extract(context.Background(), c.prop, m.Headers()), u)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return cc.Stop, nil
 }
 
 // InformHandler receives an asynchronous inform and its trace context.

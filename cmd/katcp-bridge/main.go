@@ -52,6 +52,12 @@ type Config struct {
 	NATSTLSKey   string `envconfig:"NATS_TLS_KEY" desc:"client key file for NATS TLS"`
 	NATSName     string `envconfig:"NATS_NAME" default:"katcp-bridge" desc:"NATS connection name"`
 	EmbeddedPort int    `envconfig:"EMBEDDED_NATS_PORT" default:"4222" desc:"port of the embedded nats-server (used when NATS_URL is empty; 0 picks a free port)"`
+	EmbeddedDir  string `envconfig:"EMBEDDED_STORE_DIR" desc:"JetStream store of the embedded nats-server (default: katcp-bridge-jetstream in the temporary directory)"`
+
+	LastValues         bool   `envconfig:"LAST_VALUES" default:"true" desc:"keep the last update of every sensor in a JetStream stream, when JetStream is available"`
+	LastValuesStream   string `envconfig:"LAST_VALUES_STREAM" default:"KATCP_SENSORS" desc:"name of that stream"`
+	LastValuesReplicas int    `envconfig:"LAST_VALUES_REPLICAS" default:"1" desc:"replicas of that stream (up to the JetStream cluster's size)"`
+	LastValuesStorage  string `envconfig:"LAST_VALUES_STORAGE" default:"file" desc:"file or memory storage for that stream"`
 
 	Devices     string `envconfig:"DEVICES" desc:"devices as name=host:port[,name=host:port...] (added to those of DEVICES_FILE)"`
 	DevicesFile string `envconfig:"DEVICES_FILE" desc:"YAML or JSON file with the devices: a list, or {devices: [...]}; each has name, address, sensors [{pattern, strategy, params}], timeout, allow, deny, read_only"`
@@ -123,13 +129,20 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if cfg.ShutdownTimeout <= 0 {
 		return fmt.Errorf("KATCP_BRIDGE_SHUTDOWN_TIMEOUT must be positive, not %v", cfg.ShutdownTimeout)
 	}
+	if cfg.LastValuesStorage != "file" && cfg.LastValuesStorage != "memory" {
+		return fmt.Errorf("KATCP_BRIDGE_LAST_VALUES_STORAGE must be file or memory, not %q", cfg.LastValuesStorage)
+	}
 	bcfg := bridge.Config{
-		Devices:        devices,
-		Prefix:         cfg.Prefix,
-		DefaultTimeout: cfg.DefaultTimeout,
-		MaxTimeout:     cfg.MaxTimeout,
-		MaxInFlight:    cfg.MaxInFlight,
-		Logger:         log,
+		NoLastValues:       !cfg.LastValues,
+		LastValuesStream:   cfg.LastValuesStream,
+		LastValuesReplicas: cfg.LastValuesReplicas,
+		LastValuesMemory:   cfg.LastValuesStorage == "memory",
+		Devices:            devices,
+		Prefix:             cfg.Prefix,
+		DefaultTimeout:     cfg.DefaultTimeout,
+		MaxTimeout:         cfg.MaxTimeout,
+		MaxInFlight:        cfg.MaxInFlight,
+		Logger:             log,
 	}
 	if err := bcfg.Validate(); err != nil { // before starting anything
 		return fmt.Errorf("configuration: %w", err)
@@ -165,13 +178,17 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 
 	url := cfg.NATSURL
 	if url == "" {
-		ns, err := startEmbeddedNATS(cfg.EmbeddedPort)
+		dir := cfg.EmbeddedDir
+		if dir == "" {
+			dir = filepath.Join(os.TempDir(), "katcp-bridge-jetstream")
+		}
+		ns, err := startEmbeddedNATS(cfg.EmbeddedPort, dir)
 		if err != nil {
 			return fmt.Errorf("embedded nats-server: %w", err)
 		}
 		cleanups = append(cleanups, func() { ns.Shutdown(); ns.WaitForShutdown() })
 		url = ns.ClientURL()
-		log.Info("embedded nats-server running", "url", url)
+		log.Info("embedded nats-server running", "url", url, "jetstream_store", dir)
 	}
 	metrics := bridge.NewMetrics()
 	nc, err := connectNATS(url, cfg, log, metrics)
@@ -313,11 +330,12 @@ func startDemo(ctx context.Context, log *slog.Logger) (string, func(), error) {
 	}, nil
 }
 
-func startEmbeddedNATS(port int) (*server.Server, error) {
+func startEmbeddedNATS(port int, storeDir string) (*server.Server, error) {
 	if port == 0 {
 		port = -1
 	}
-	ns, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: port, NoLog: true, NoSigs: true})
+	ns, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: port, NoLog: true, NoSigs: true,
+		JetStream: true, StoreDir: storeDir})
 	if err != nil {
 		return nil, err
 	}
