@@ -105,14 +105,24 @@ func (c *serverConn) greet() {
 // send queues m for the client. A client whose backlog passes the limit
 // is disconnected.
 func (c *serverConn) send(m *Message) error {
+	ok, err := c.appendLocked(m)
+	if !ok {
+		return err
+	}
+	return c.queuedLocked(err)
+}
+
+// appendLocked takes wmu and appends m to the write buffer. When the
+// connection is closing it releases wmu and reports !ok; otherwise wmu
+// stays held for the caller.
+func (c *serverConn) appendLocked(m *Message) (ok bool, err error) {
 	c.wmu.Lock()
 	if c.closed || c.slow {
 		c.wmu.Unlock()
-		return net.ErrClosed
+		return false, net.ErrClosed
 	}
-	var err error
 	c.wbuf, err = AppendMessage(c.wbuf, m)
-	return c.queuedLocked(err)
+	return true, err
 }
 
 // queuedLocked finishes a write into wbuf: c.wmu is held and released.
@@ -271,13 +281,10 @@ func (c *serverConn) wrote(out []byte, err error) bool {
 // sendReply queues m and, when no write is in progress, writes it at once
 // on the calling goroutine (saving a hand-over to the write loop).
 func (c *serverConn) sendReply(m *Message) error {
-	c.wmu.Lock()
-	if c.closed || c.slow {
-		c.wmu.Unlock()
-		return net.ErrClosed
+	ok, err := c.appendLocked(m)
+	if !ok {
+		return err
 	}
-	var err error
-	c.wbuf, err = AppendMessage(c.wbuf, m)
 	if err != nil || c.writing || len(c.wbuf) > 64<<10 || c.active.Load() > 1 {
 		// Busy: the write loop batches this with the other replies.
 		return c.queuedLocked(err)

@@ -176,31 +176,47 @@ func (s *Server) reqHalt(ctx context.Context, w *ReplyWriter, r *Request) error 
 }
 
 func (s *Server) reqHelp(ctx context.Context, w *ReplyWriter, r *Request) error {
-	if len(r.Args) > 1 {
-		return Fail("?help takes at most one argument")
+	list, err := s.namedRequests(r, func(*requestEntry) bool { return true })
+	if err != nil {
+		return err
 	}
-	s.mu.Lock()
-	type entry struct{ name, help string }
-	var list []entry
-	if len(r.Args) == 1 {
-		name := string(r.Args[0])
-		e := s.requests[name]
-		if e == nil {
-			s.mu.Unlock()
-			return Fail("unknown request %s", name)
-		}
-		list = append(list, entry{name, e.help})
-	} else {
-		for n, e := range s.requests {
-			list = append(list, entry{n, e.help})
-		}
-	}
-	s.mu.Unlock()
-	sortBy(list, func(e entry) string { return e.name })
 	for _, e := range list {
 		w.Inform(e.name, e.help)
 	}
 	return w.Reply(len(list))
+}
+
+// namedRequest is a request's name with its entry.
+type namedRequest struct {
+	name string
+	*requestEntry
+}
+
+// namedRequests resolves the optional request name of ?help and
+// ?request-timeout-hint: that request (an unknown one is a failure), or
+// every request that keep accepts, sorted by name.
+func (s *Server) namedRequests(r *Request, keep func(*requestEntry) bool) ([]namedRequest, error) {
+	if len(r.Args) > 1 {
+		return nil, Fail("?%s takes at most one argument", r.Name)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(r.Args) == 1 {
+		name := string(r.Args[0])
+		e := s.requests[name]
+		if e == nil {
+			return nil, Fail("unknown request %s", name)
+		}
+		return []namedRequest{{name, e}}, nil
+	}
+	var list []namedRequest
+	for n, e := range s.requests {
+		if keep(e) {
+			list = append(list, namedRequest{n, e})
+		}
+	}
+	sortBy(list, func(e namedRequest) string { return e.name })
+	return list, nil
 }
 
 func (s *Server) reqRestart(ctx context.Context, w *ReplyWriter, r *Request) error {
@@ -371,36 +387,14 @@ func (s *Server) reqClientList(ctx context.Context, w *ReplyWriter, r *Request) 
 }
 
 func (s *Server) reqTimeoutHint(ctx context.Context, w *ReplyWriter, r *Request) error {
-	if len(r.Args) > 1 {
-		return Fail("?request-timeout-hint takes at most one argument")
+	list, err := s.namedRequests(r, func(e *requestEntry) bool { return e.hint > 0 })
+	if err != nil {
+		return err
 	}
-	type hint struct {
-		name string
-		d    time.Duration
+	for _, e := range list {
+		w.Inform(e.name, e.hint.Seconds())
 	}
-	var hints []hint
-	s.mu.Lock()
-	if len(r.Args) == 1 {
-		name := string(r.Args[0])
-		e := s.requests[name]
-		if e == nil {
-			s.mu.Unlock()
-			return Fail("unknown request %s", name)
-		}
-		hints = append(hints, hint{name, e.hint})
-	} else {
-		for n, e := range s.requests {
-			if e.hint > 0 {
-				hints = append(hints, hint{n, e.hint})
-			}
-		}
-	}
-	s.mu.Unlock()
-	sortBy(hints, func(h hint) string { return h.name })
-	for _, h := range hints {
-		w.Inform(h.name, h.d.Seconds())
-	}
-	return w.Reply(len(hints))
+	return w.Reply(len(list))
 }
 
 // sortBy sorts xs by a string key.
