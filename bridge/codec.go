@@ -168,44 +168,6 @@ type SensorUpdate struct {
 	Value any `json:"value"`
 }
 
-// sensorDocument builds the published document for a watcher update.
-func sensorDocument(device string, u katcp.SensorUpdate) SensorUpdate {
-	doc := SensorUpdate{
-		Device:    device,
-		Name:      u.Name,
-		Type:      u.Type.String(),
-		Timestamp: seconds(u.Timestamp),
-		Status:    u.Status.String(),
-	}
-	if !u.Status.ValidValue() || u.Value == nil {
-		return doc
-	}
-	switch v := u.Value.(type) {
-	case float64:
-		switch {
-		case math.IsNaN(v):
-			doc.Value = "nan"
-		case math.IsInf(v, 1):
-			doc.Value = "inf"
-		case math.IsInf(v, -1):
-			doc.Value = "-inf"
-		default:
-			doc.Value = v
-		}
-	case []byte:
-		doc.Value = jsonArg(v)
-	case string:
-		doc.Value = jsonArg(v) // base64 if a discrete value is not UTF-8
-	case time.Time:
-		doc.Value = seconds(v)
-	case katcp.Address:
-		doc.Value = v.String()
-	default:
-		doc.Value = v
-	}
-	return doc
-}
-
 // seconds returns t as seconds since the Unix epoch, for any year.
 func seconds(t time.Time) float64 {
 	return float64(t.Unix()) + float64(t.Nanosecond())/1e9

@@ -181,15 +181,14 @@ func katcpcmd(t *testing.T, args ...string) (string, string, int) {
 }
 
 type env struct {
-	natsPort   int
-	natsURL    string
-	nats       *proc
-	sim        *proc
-	simPort    int
-	bridge     *proc
-	bridgeEnv  []string
-	nc         *nats.Conn
-	deviceBase string
+	natsPort  int
+	natsURL   string
+	nats      *proc
+	sim       *proc
+	simPort   int
+	bridge    *proc
+	bridgeEnv []string
+	nc        *nats.Conn
 }
 
 // setup starts nats-server, two simulated devices and the bridge.

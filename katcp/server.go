@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"net"
 	"runtime/debug"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -583,16 +582,4 @@ func (w *ReplyWriter) Respond(status string, args ...any) error {
 		return ErrAlreadyReplied
 	}
 	return w.conn.sendReply(&m)
-}
-
-// sortedRequests returns the request names, sorted.
-func (s *Server) sortedRequests() []string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	names := make([]string, 0, len(s.requests))
-	for n := range s.requests {
-		names = append(names, n)
-	}
-	slices.Sort(names)
-	return names
 }

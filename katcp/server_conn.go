@@ -35,7 +35,6 @@ type serverConn struct {
 	slow    bool   // over the backlog limit: being disconnected
 	writing bool   // a goroutine is writing to nc (only one at a time)
 	stall   stallDeadline
-	reason  string // #disconnect reason, set by close
 	wsignal chan struct{}
 	wdone   chan struct{} // write loop exited
 
