@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -42,12 +44,23 @@ type Bridge struct {
 	prop     propagation.TextMapPropagator
 	metrics  *Metrics
 	instance string
+	id       string // this replica in the lease bucket
 
-	svc        micro.Service
-	workers    map[string]*worker // fixed after Start
+	devices    map[string]Device // configured
 	started    atomic.Bool
 	draining   atomic.Bool
 	lastValues atomic.Bool // sensor updates are kept in JetStream
+	leases     *leases     // nil without leases
+	leasesOn   atomic.Bool
+	ownersSub  *nats.Subscription
+
+	mu      sync.Mutex                         // guards workers and svc
+	workers map[string]*worker                 // the devices served now
+	svc     micro.Service                      // one endpoint per served device
+	served  atomic.Pointer[map[string]*worker] // a copy of workers for STATS
+
+	stopLeases chan struct{} // ends a pending lease setup
+	setupDone  chan struct{}
 
 	trackMu  sync.Mutex     // orders inflight.Add before Shutdown's Wait
 	inflight sync.WaitGroup // request goroutines
@@ -84,7 +97,16 @@ func New(nc *nats.Conn, cfg Config) (*Bridge, error) {
 		prop:     prop,
 		metrics:  c.Metrics,
 		instance: instance,
+		id:       replicaID(instance),
+		devices:  make(map[string]Device, len(c.Devices)),
 		workers:  make(map[string]*worker),
+	}
+	b.served.Store(&map[string]*worker{})
+	for _, d := range c.Devices {
+		if _, err := newWorker(b, d); err != nil {
+			return nil, err
+		}
+		b.devices[d.Name] = d
 	}
 	return b, nil
 }
@@ -95,66 +117,218 @@ func (b *Bridge) Metrics() *Metrics { return b.metrics }
 // Scheme returns the bridge's subject scheme.
 func (b *Bridge) Scheme() subjects.Scheme { return b.scheme }
 
-// Start registers the micro service with an endpoint per device and starts
-// the workers, which connect to their devices in the background.
+// Start starts serving. Without leases (LeasesOff, or LeasesAuto on a
+// NATS system without JetStream) it serves every configured device at
+// once; with leases, the devices this replica wins, as it wins them. The
+// workers connect to their devices in the background.
 func (b *Bridge) Start() error {
 	if !b.started.CompareAndSwap(false, true) {
 		return errors.New("bridge: already started")
 	}
 	b.setupLastValues()
-	// The workers exist before the service does: its STATS handler reads
-	// the map, which is not written after this.
-	for _, d := range b.cfg.Devices {
-		w, err := newWorker(b, d)
-		if err != nil {
-			return err
-		}
-		b.workers[d.Name] = w
+	sub, err := b.nc.QueueSubscribe(b.scheme.Owners(), "owners", b.ownersRequest)
+	if err != nil {
+		return fmt.Errorf("bridge: owners subject: %w", err)
 	}
+	b.ownersSub = sub
+	b.stopLeases = make(chan struct{})
+	b.setupDone = make(chan struct{})
+	if b.cfg.Leases == LeasesOff {
+		close(b.setupDone)
+		b.log.Info("leases are off: serving every configured device; run one replica only")
+		b.serve(slices.Sorted(maps.Keys(b.devices)))
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	l, na, err := b.setupLeases(ctx)
+	cancel()
+	switch {
+	case err == nil:
+		close(b.setupDone)
+		b.startLeases(l)
+	case na && b.cfg.Leases == LeasesAuto:
+		close(b.setupDone)
+		b.log.Warn("JetStream is not available: serving every configured device without leases; run one replica only", "err", err)
+		b.serve(slices.Sorted(maps.Keys(b.devices)))
+	default:
+		b.log.Error("leases: cannot use the bucket; serving nothing until it works", "err", err)
+		go b.retryLeases()
+	}
+	return nil
+}
+
+func (b *Bridge) startLeases(l *leases) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.draining.Load() {
+		return
+	}
+	b.leases = l
+	b.leasesOn.Store(true)
+	b.updateServiceLocked()
+	b.log.Info("leases: sharing devices with other replicas", "bucket", l.bucket, "replica", l.id, "ttl", l.ttl, "renew", l.renew)
+	l.start()
+}
+
+// retryLeases tries the lease bucket until it works or the bridge stops.
+func (b *Bridge) retryLeases() {
+	defer close(b.setupDone)
+	t := time.NewTicker(b.cfg.LeaseRenew)
+	defer t.Stop()
+	for {
+		select {
+		case <-b.stopLeases:
+			return
+		case <-t.C:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), b.cfg.LeaseTTL)
+		l, _, err := b.setupLeases(ctx)
+		cancel()
+		if err == nil {
+			b.startLeases(l)
+			return
+		}
+		b.log.Warn("leases: bucket still unavailable", "err", err)
+	}
+}
+
+// serve starts workers for devices and adds their endpoints. It does
+// nothing once the bridge is draining.
+func (b *Bridge) serve(names []string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.draining.Load() {
+		return
+	}
+	added := false
+	for _, n := range names {
+		if b.workers[n] != nil {
+			continue
+		}
+		w, err := newWorker(b, b.devices[n])
+		if err == nil {
+			err = w.start()
+		}
+		if err != nil {
+			b.log.Error("bridge: cannot serve a device", "device", n, "err", err)
+			continue
+		}
+		b.workers[n] = w
+		added = true
+	}
+	if added {
+		b.updateServiceLocked()
+	}
+}
+
+// unserve stops serving devices: their endpoints go first (callers get
+// no responders, or a not-served error for requests already delivered),
+// then the requests in flight finish (or are cancelled when force is
+// set), then the device connections close.
+func (b *Bridge) unserve(names []string, force bool, reason string) {
+	b.mu.Lock()
+	var gone []*worker
+	for _, n := range names {
+		if w := b.workers[n]; w != nil {
+			delete(b.workers, n)
+			w.stopServing()
+			gone = append(gone, w)
+		}
+	}
+	if len(gone) > 0 && !b.draining.Load() {
+		b.updateServiceLocked()
+	}
+	b.mu.Unlock()
+	for _, w := range gone {
+		if force {
+			w.cancelRequests()
+		}
+		w.waitRequests()
+		w.stop(reason)
+	}
+}
+
+// updateServiceLocked replaces the micro service by one whose endpoints
+// are the served devices. The new service subscribes before the old one
+// stops (the same queue group, so each request is handled once), so the
+// devices that stay are served throughout. b.mu is held.
+func (b *Bridge) updateServiceLocked() {
+	cp := maps.Clone(b.workers)
+	b.served.Store(&cp)
 	svc, err := micro.AddService(b.nc, micro.Config{
 		Name:        ServiceName,
 		Version:     Version,
 		Description: "KATCP devices on NATS",
-		Metadata:    map[string]string{"instance": b.instance, "prefix": b.scheme.Prefix(), "last_values": strconv.FormatBool(b.lastValues.Load())},
+		Metadata: map[string]string{
+			"instance":    b.instance,
+			"replica":     b.id,
+			"prefix":      b.scheme.Prefix(),
+			"last_values": strconv.FormatBool(b.lastValues.Load()),
+			"leases":      strconv.FormatBool(b.leasesOn.Load()),
+		},
 		StatsHandler: func(e *micro.Endpoint) any {
-			if w := b.workers[e.Name]; w != nil {
+			if w := (*b.served.Load())[e.Name]; w != nil {
 				return w.status()
 			}
 			return nil
 		},
 	})
 	if err != nil {
-		return fmt.Errorf("bridge: micro service: %w", err)
+		b.log.Error("bridge: cannot register the micro service", "err", err)
+		return
 	}
-	b.svc = svc
-	for _, d := range b.cfg.Devices {
-		w := b.workers[d.Name]
-		// The default queue group: should two bridges ever serve one
-		// device (a rolling update), each request still runs once.
-		err = svc.AddEndpoint(d.Name, micro.HandlerFunc(w.handle),
-			micro.WithEndpointSubject(b.scheme.Requests(d.Name)),
-			micro.WithEndpointMetadata(map[string]string{"address": d.Address, "device": d.Name}))
+	for _, name := range slices.Sorted(maps.Keys(b.workers)) {
+		d := b.devices[name]
+		err = svc.AddEndpoint(name, micro.HandlerFunc(b.workers[name].handle),
+			micro.WithEndpointSubject(b.scheme.Requests(name)),
+			micro.WithEndpointMetadata(map[string]string{"address": d.Address, "device": name, "owner": b.instance}))
 		if err != nil {
-			b.abort()
-			return fmt.Errorf("bridge: endpoint for %s: %w", d.Name, err)
+			b.log.Error("bridge: cannot add a device's endpoint", "device", name, "err", err)
 		}
 	}
-	for _, w := range b.workers {
-		if err := w.start(); err != nil {
-			b.abort()
-			return err
-		}
-	}
-	return nil
-}
-
-func (b *Bridge) abort() {
 	if b.svc != nil {
 		b.svc.Stop()
 	}
-	for _, w := range b.workers {
-		w.stop("bridge failed to start")
+	b.svc = svc
+}
+
+// Owners returns which replica serves which device, as this replica sees
+// it; the owners subject answers with the same document.
+func (b *Bridge) Owners() Owners {
+	if l := b.currentLeases(); l != nil {
+		return l.snapshot()
 	}
+	o := Owners{AnsweredBy: b.instance, Replicas: []Replica{{ID: b.id, Instance: b.instance}}, Devices: []DeviceOwner{}}
+	served := *b.served.Load()
+	for _, name := range slices.Sorted(maps.Keys(b.devices)) {
+		d := DeviceOwner{Device: name}
+		if served[name] != nil {
+			d.Owner, d.Instance = b.id, b.instance
+		}
+		o.Devices = append(o.Devices, d)
+	}
+	return o
+}
+
+func (b *Bridge) currentLeases() *leases {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.leases
+}
+
+func (b *Bridge) ownersRequest(m *nats.Msg) {
+	if m.Reply != "" {
+		m.Respond(mustJSON(b.Owners()))
+	}
+}
+
+// Serving returns the devices this replica serves now, sorted.
+func (b *Bridge) Serving() []string {
+	p := b.served.Load()
+	if p == nil {
+		return nil
+	}
+	return slices.Sorted(maps.Keys(*p))
 }
 
 // Ready reports whether the bridge has started and NATS is connected.
@@ -163,19 +337,34 @@ func (b *Bridge) Ready() bool {
 }
 
 // Shutdown stops taking requests, lets those in flight finish until ctx
-// ends, publishes every device's final (disconnected) status and closes
-// the KATCP connections. The NATS connection is the caller's to drain.
+// ends, publishes every served device's final (disconnected) status,
+// closes the KATCP connections and then releases the leases, so that
+// other replicas take the devices over at once. The NATS connection is
+// the caller's to drain.
 func (b *Bridge) Shutdown(ctx context.Context) error {
 	b.trackMu.Lock()
 	first := b.draining.CompareAndSwap(false, true)
 	b.trackMu.Unlock()
-	if !first {
+	if !first || !b.started.Load() {
 		return nil
 	}
-	if b.svc != nil {
-		b.svc.Stop() // drains the endpoints: no new requests
+	close(b.stopLeases)
+	<-b.setupDone
+	l := b.currentLeases()
+	if l != nil {
+		l.drain() // takes and hands over nothing more
 	}
-	for _, w := range b.workers {
+	if b.ownersSub != nil {
+		b.ownersSub.Unsubscribe()
+	}
+	b.mu.Lock()
+	svc, workers := b.svc, b.workers
+	b.svc, b.workers = nil, map[string]*worker{}
+	b.mu.Unlock()
+	if svc != nil {
+		svc.Stop() // drains the endpoints: no new requests
+	}
+	for _, w := range workers {
 		w.stopStatusRequests()
 	}
 	done := make(chan struct{})
@@ -188,13 +377,16 @@ func (b *Bridge) Shutdown(ctx context.Context) error {
 	case <-done:
 	case <-ctx.Done():
 		err = fmt.Errorf("bridge: requests still in flight: %w", ctx.Err())
-		for _, w := range b.workers {
+		for _, w := range workers {
 			w.cancelRequests()
 		}
 		<-done
 	}
-	for _, w := range b.workers {
+	for _, w := range workers {
 		w.stop("bridge shutting down")
+	}
+	if l != nil {
+		l.close() // the connections are closed: the leases may go
 	}
 	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
@@ -217,10 +409,18 @@ func (b *Bridge) track() bool {
 
 // errorReply describes a failed request for the caller.
 type errorReply struct {
-	code   int
-	source string // "bridge" or "device"
-	status string // the device's status, if it answered
-	text   string
+	code      int
+	source    string // "bridge" or "device"
+	status    string // the device's status, if it answered
+	text      string
+	notServed bool // this replica does not serve the device (now)
+}
+
+// errNotServed answers a request that reached a replica which no longer
+// serves the device: it is moving to another replica or the bridge is
+// stopping. Callers may retry at once.
+func errNotServed(device, why string) *errorReply {
+	return &errorReply{code: 503, source: "bridge", notServed: true, text: "device " + device + " is not served here: " + why + "; try again"}
 }
 
 // The bridge's own failures, as the contract's error codes.
@@ -269,6 +469,9 @@ func (b *Bridge) respond(ctx context.Context, req micro.Request, body []byte, st
 	}
 	if er != nil {
 		h.Set(HeaderSource, er.source)
+		if er.notServed {
+			h.Set(HeaderNotServed, "true")
+		}
 		if er.status != "" {
 			h.Set(HeaderStatus, er.status)
 		}

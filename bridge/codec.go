@@ -19,6 +19,7 @@ const (
 	HeaderSource      = "Katcp-Error-Source" // "bridge" or "device" on failures
 	HeaderTimeout     = "Katcp-Timeout"      // request: seconds the caller will wait
 	HeaderMore        = "Katcp-More"         // reply chunk: more chunks follow
+	HeaderNotServed   = "Katcp-Not-Served"   // "true": this replica does not serve the device now; retry
 	HeaderAccept      = "Accept"
 	HeaderContentType = "Content-Type"
 	HeaderErrorText   = "Nats-Service-Error"

@@ -98,6 +98,22 @@ type Config struct {
 	LastValuesStream   string
 	LastValuesReplicas int
 	LastValuesMemory   bool
+	// Leases decides how replicas share the devices: LeasesAuto (the
+	// default) uses a JetStream key-value bucket when the NATS system has
+	// JetStream and serves every device without leases otherwise;
+	// LeasesOn insists on the bucket (serving nothing until it works);
+	// LeasesOff serves every configured device (one replica only).
+	Leases LeaseMode
+	// LeaseBucket names the bucket (default DefaultLeaseBucket);
+	// LeaseReplicas sets its replication (default 1).
+	LeaseBucket   string
+	LeaseReplicas int
+	// LeaseTTL is how long a lease lives without renewal (default 5 s):
+	// the time a dead replica's devices wait for a new owner. LeaseRenew
+	// is how often leases are renewed (default LeaseTTL/4; at most half
+	// of LeaseTTL).
+	LeaseTTL   time.Duration
+	LeaseRenew time.Duration
 	// Client is the template for the devices' KATCP clients (backoff,
 	// limits). Its callbacks and logger are set by the bridge.
 	Client katcp.ClientConfig
@@ -146,6 +162,30 @@ func (c *Config) Validate() error {
 	if n := c.LastValuesStream; n != "" && strings.ContainsAny(n, " .*>\t/\\") {
 		errs = append(errs, fmt.Errorf("last-values stream name %q may not contain spaces, '.', '*', '>', '/' or '\\'", n))
 	}
+	switch c.Leases {
+	case "", LeasesAuto, LeasesOn, LeasesOff:
+	default:
+		errs = append(errs, fmt.Errorf("leases must be auto, on or off, not %q", c.Leases))
+	}
+	if c.LeaseReplicas < 0 || c.LeaseReplicas > 5 {
+		errs = append(errs, fmt.Errorf("lease bucket replicas must be 1..5, not %d", c.LeaseReplicas))
+	}
+	if n := c.LeaseBucket; n != "" && !validBucket(n) {
+		errs = append(errs, fmt.Errorf("lease bucket name %q may hold only letters, digits, '-' and '_'", n))
+	}
+	if c.LeaseTTL < 0 || c.LeaseRenew < 0 {
+		errs = append(errs, errors.New("lease TTL and renew interval must not be negative"))
+	}
+	if c.LeaseTTL > 0 && c.LeaseTTL < time.Second {
+		errs = append(errs, fmt.Errorf("lease TTL %v is below JetStream's minimum of 1s", c.LeaseTTL))
+	}
+	ttl := c.LeaseTTL
+	if ttl == 0 {
+		ttl = DefaultLeaseTTL
+	}
+	if c.LeaseRenew > ttl/2 {
+		errs = append(errs, fmt.Errorf("lease renew interval %v must be at most half the TTL %v", c.LeaseRenew, ttl))
+	}
 	if c.DefaultTimeout < 0 || c.MaxTimeout < 0 {
 		errs = append(errs, errors.New("timeouts must not be negative"))
 	}
@@ -153,6 +193,19 @@ func (c *Config) Validate() error {
 		errs = append(errs, fmt.Errorf("the maximum timeout %v is below the default %v", c.MaxTimeout, c.DefaultTimeout))
 	}
 	return errors.Join(errs...)
+}
+
+func validBucket(n string) bool {
+	for i := 0; i < len(n); i++ {
+		if c := n[i]; !plainByte(c) {
+			return false
+		}
+	}
+	return true
+}
+
+func plainByte(c byte) bool {
+	return c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_'
 }
 
 func validPort(p string) bool {
@@ -212,6 +265,18 @@ func (c *Config) withDefaults() Config {
 	}
 	if cfg.MaxInFlight <= 0 {
 		cfg.MaxInFlight = 256
+	}
+	if cfg.Leases == "" {
+		cfg.Leases = LeasesAuto
+	}
+	if cfg.LeaseBucket == "" {
+		cfg.LeaseBucket = DefaultLeaseBucket
+	}
+	if cfg.LeaseTTL <= 0 {
+		cfg.LeaseTTL = DefaultLeaseTTL
+	}
+	if cfg.LeaseRenew <= 0 {
+		cfg.LeaseRenew = cfg.LeaseTTL / 4
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)

@@ -21,6 +21,12 @@ type Metrics struct {
 	natsConnected    atomic.Int64
 	inFlight         atomic.Int64
 
+	leasesHeld         atomic.Int64
+	leasesAcquired     atomic.Uint64
+	leasesLost         atomic.Uint64
+	leasesReleased     atomic.Uint64
+	leaseRenewFailures atomic.Uint64
+
 	mu       sync.Mutex
 	requests map[[2]string]uint64 // device, status -> count
 	duration map[string]*histogram
@@ -78,6 +84,12 @@ func (m *Metrics) Requests(device, status string) uint64 {
 // SensorUpdates returns how many sensor updates were published.
 func (m *Metrics) SensorUpdates() uint64 { return m.sensorUpdates.Load() }
 
+// Leases returns the leases held now, and how many were acquired, lost
+// and released so far.
+func (m *Metrics) Leases() (held int64, acquired, lost, released uint64) {
+	return m.leasesHeld.Load(), m.leasesAcquired.Load(), m.leasesLost.Load(), m.leasesReleased.Load()
+}
+
 // Informs returns how many informs were published.
 func (m *Metrics) Informs() uint64 { return m.informs.Load() }
 
@@ -96,6 +108,11 @@ func (m *Metrics) WritePrometheus(w io.Writer) {
 	counter("katcp_bridge_drops_total", "Informs or updates dropped (queues full, publish errors).", m.drops.Load())
 	gauge("katcp_bridge_nats_connected", "1 when the NATS connection is up.", m.natsConnected.Load())
 	gauge("katcp_bridge_requests_in_flight", "Requests being handled.", m.inFlight.Load())
+	gauge("katcp_bridge_leases_held", "Device leases this replica holds.", m.leasesHeld.Load())
+	counter("katcp_bridge_leases_acquired_total", "Device leases taken.", m.leasesAcquired.Load())
+	counter("katcp_bridge_leases_lost_total", "Device leases lost (expired or taken by another replica).", m.leasesLost.Load())
+	counter("katcp_bridge_leases_released_total", "Device leases given up (hand-over, shutdown).", m.leasesReleased.Load())
+	counter("katcp_bridge_lease_renew_failures_total", "Lease or heartbeat writes that failed.", m.leaseRenewFailures.Load())
 
 	m.mu.Lock()
 	defer m.mu.Unlock()

@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -32,6 +33,11 @@ type worker struct {
 	loopWG  sync.WaitGroup // loop, while it runs
 	statSub *nats.Subscription
 
+	tried   atomic.Bool    // a first connection attempt has ended
+	serveMu sync.RWMutex   // orders reqWG.Add before stopServing's Wait
+	serving bool           // requests are taken
+	reqWG   sync.WaitGroup // requests taken
+
 	mu         sync.Mutex // guards the fields below
 	watchers   []*katcp.SensorWatcher
 	state      Status
@@ -43,7 +49,7 @@ type worker struct {
 }
 
 func newWorker(b *Bridge, d Device) (*worker, error) {
-	w := &worker{b: b, dev: d, sem: make(chan struct{}, b.cfg.MaxInFlight)}
+	w := &worker{b: b, dev: d, sem: make(chan struct{}, b.cfg.MaxInFlight), serving: true}
 	w.ctx, w.cancel = context.WithCancel(context.Background())
 	subs := d.Sensors
 	if len(subs) == 0 {
@@ -74,6 +80,7 @@ func (w *worker) start() error {
 	cfg.Logger = b.log.With("device", w.dev.Name)
 	cfg.OnConnected = w.connected
 	cfg.OnDisconnected = w.disconnected
+	cfg.OnConnectFailed = func(error) { w.tried.Store(true) }
 	w.client = katcp.NewClient(w.dev.Address, cfg)
 	w.client.HandleUnhandled(w.inform)
 	for _, name := range []string{"log", "disconnect", "version-connect", "version", "build-state"} {
@@ -145,6 +152,7 @@ func (w *worker) loop() {
 }
 
 func (w *worker) connected(info katcp.ProtocolInfo) {
+	w.tried.Store(true)
 	if w.client.Stats().Reconnects > 0 {
 		w.b.metrics.reconnects.Add(1)
 	}
@@ -209,6 +217,26 @@ func (w *worker) stopStatusRequests() {
 }
 
 func (w *worker) cancelRequests() { w.cancel() }
+
+// stopServing makes the worker answer new requests with a not-served
+// error; waitRequests waits for those it took.
+func (w *worker) stopServing() {
+	w.serveMu.Lock()
+	w.serving = false
+	w.serveMu.Unlock()
+}
+
+func (w *worker) waitRequests() { w.reqWG.Wait() }
+
+// take counts a request in, unless the worker no longer serves.
+func (w *worker) take() bool {
+	w.serveMu.RLock()
+	defer w.serveMu.RUnlock()
+	if w.serving {
+		w.reqWG.Add(1)
+	}
+	return w.serving
+}
 
 // stop closes the device connection and publishes the final status.
 func (w *worker) stop(reason string) {
@@ -277,9 +305,15 @@ func (w *worker) allowed(name string) bool {
 // runs the KATCP request on its own goroutine.
 func (w *worker) handle(req micro.Request) {
 	b := w.b
+	if !w.take() {
+		b.metrics.request(w.dev.Name, "not-served", 0)
+		b.respond(context.Background(), req, nil, "", errNotServed(w.dev.Name, "it is moving to another bridge replica"))
+		return
+	}
 	select {
 	case w.sem <- struct{}{}:
 	default:
+		w.reqWG.Done()
 		b.metrics.request(w.dev.Name, "busy", 0)
 		b.respond(context.Background(), req, nil, "", &errorReply{code: 503, source: "bridge",
 			text: fmt.Sprintf("device %s has %d requests in flight; try again", w.dev.Name, cap(w.sem))})
@@ -287,11 +321,14 @@ func (w *worker) handle(req micro.Request) {
 	}
 	if !b.track() {
 		<-w.sem
-		b.respond(context.Background(), req, nil, "", &errorReply{code: 503, source: "bridge", text: "bridge shutting down"})
+		w.reqWG.Done()
+		b.metrics.request(w.dev.Name, "not-served", 0)
+		b.respond(context.Background(), req, nil, "", errNotServed(w.dev.Name, "the bridge replica is shutting down"))
 		return
 	}
 	b.metrics.inFlight.Add(1)
 	go func() {
+		defer w.reqWG.Done()
 		defer b.inflight.Done()
 		defer b.metrics.inFlight.Add(-1)
 		defer func() { <-w.sem }()
@@ -368,6 +405,9 @@ func (w *worker) run(ctx context.Context, req micro.Request, p subjects.Parsed, 
 		return nil, "", &errorReply{code: 403, source: "bridge", text: fmt.Sprintf("device %s is read-only: ?log-level may only be queried", w.dev.Name)}
 	}
 	if !w.client.Connected() {
+		if !w.tried.Load() { // just taken over: not "not connected" yet
+			return nil, "", errNotServed(w.dev.Name, "the bridge is connecting to it")
+		}
 		return nil, "", errorFor(katcp.ErrNotConnected, w.dev.Name, timeout)
 	}
 	w.mu.Lock()

@@ -6,6 +6,7 @@
 //	<prefix>.<device>.sensor.<sensor>   published: sensor updates; the sensor name's
 //	                                    dots are subject tokens
 //	<prefix>.<device>.status            published on change; request-reply: current state
+//	<prefix>.owners                     request-reply: which bridge replica serves which device
 //
 // The prefix is "katcp" unless configured; it may itself have several
 // tokens ("site.katcp"). Wildcards then do what one expects:
@@ -159,6 +160,11 @@ func (s Scheme) Sensors(device string) string { return s.Device(device) + ".sens
 
 // Status returns a device's status subject.
 func (s Scheme) Status(device string) string { return s.Device(device) + ".status" }
+
+// Owners returns the subject on which the bridge replicas answer which
+// of them serves which device ("katcp.owners"). It has two tokens, so no
+// device subject (three or more) can be mistaken for it.
+func (s Scheme) Owners() string { return s.Prefix() + ".owners" }
 
 // EscapeSensor turns a sensor name into subject tokens (see the package
 // documentation).

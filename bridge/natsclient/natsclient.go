@@ -42,7 +42,7 @@ var (
 	ErrUnknown      = errors.New("natsclient: unknown device or request")     // 404
 	ErrNotConnected = errors.New("natsclient: device not connected")          // 503
 	ErrTimeout      = errors.New("natsclient: device did not answer in time") // 504
-	ErrNotServed    = errors.New("natsclient: no bridge serves the device")   // no responders
+	ErrNotServed    = errors.New("natsclient: no bridge serves the device")   // no responders, or 503 with Katcp-Not-Served
 )
 
 // Error is a failure reported by the bridge (not a device's refusal, which
@@ -50,12 +50,19 @@ var (
 type Error struct {
 	Code int    // the Nats-Service-Error-Code
 	Text string // the Nats-Service-Error
+	// NotServed: the replica that answered no longer serves the device
+	// (it is moving to another replica, or the replica is stopping); the
+	// error matches ErrNotServed, and a retry reaches the new owner.
+	NotServed bool
 }
 
 func (e *Error) Error() string { return fmt.Sprintf("katcp-bridge: %d: %s", e.Code, e.Text) }
 
 // Is maps codes to the sentinels.
 func (e *Error) Is(target error) bool {
+	if e.NotServed {
+		return target == ErrNotServed
+	}
 	switch e.Code {
 	case 400:
 		return target == ErrBadRequest
@@ -192,7 +199,7 @@ func decodeReply(h nats.Header, data []byte) (*Reply, error) {
 	status := h.Get(bridge.HeaderStatus)
 	if status == "" {
 		code, _ := strconv.Atoi(h.Get(bridge.HeaderErrorCode))
-		return nil, &Error{Code: code, Text: h.Get(bridge.HeaderErrorText)}
+		return nil, &Error{Code: code, Text: h.Get(bridge.HeaderErrorText), NotServed: h.Get(bridge.HeaderNotServed) == "true"}
 	}
 	r := &Reply{}
 	rd := katcp.NewReader(bytes.NewReader(data))
@@ -233,6 +240,24 @@ func (c *Client) Status(ctx context.Context, device string) (bridge.Status, erro
 		return st, err
 	}
 	return st, json.Unmarshal(msg.Data, &st)
+}
+
+// Owners asks the bridge replicas which of them serves which device.
+func (c *Client) Owners(ctx context.Context) (bridge.Owners, error) {
+	var o bridge.Owners
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+	}
+	msg, err := c.nc.RequestWithContext(ctx, c.scheme.Owners(), nil)
+	if errors.Is(err, nats.ErrNoResponders) {
+		return o, fmt.Errorf("%w: no bridge answers %s", ErrNotServed, c.scheme.Owners())
+	}
+	if err != nil {
+		return o, err
+	}
+	return o, json.Unmarshal(msg.Data, &o)
 }
 
 // SensorHandler receives a sensor update and the context of its trace.

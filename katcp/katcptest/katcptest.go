@@ -36,6 +36,8 @@ type Device struct {
 	sensors  []*katcp.Sensor
 	delays   map[string]time.Duration
 	down     bool
+	// peakBefore is the peak of the listeners before the last Restart.
+	peakBefore int
 }
 
 type handler struct {
@@ -77,6 +79,11 @@ func (d *Device) start(addr string) error {
 	}
 	srv.Sensors().Add(d.sensors...)
 	tl := &trackingListener{Listener: l, conns: make(map[net.Conn]struct{})}
+	if d.ln != nil {
+		d.ln.mu.Lock()
+		d.peakBefore = max(d.peakBefore, d.ln.peak)
+		d.ln.mu.Unlock()
+	}
 	served := make(chan struct{})
 	d.srv, d.ln, d.served, d.down = srv, tl, served, false
 	go func() {
@@ -207,11 +214,23 @@ func (d *Device) Restart() {
 // Close stops the device for good.
 func (d *Device) Close() { d.Stop() }
 
+// PeakClients returns the most clients that were connected at once since
+// the device started (a connection counts until the server closes it).
+func (d *Device) PeakClients() int {
+	d.mu.Lock()
+	ln := d.ln
+	d.mu.Unlock()
+	ln.mu.Lock()
+	defer ln.mu.Unlock()
+	return max(ln.peak, d.peakBefore)
+}
+
 // trackingListener remembers the open connections it accepted.
 type trackingListener struct {
 	net.Listener
 	mu    sync.Mutex
 	conns map[net.Conn]struct{}
+	peak  int
 }
 
 func (l *trackingListener) Accept() (net.Conn, error) {
@@ -223,6 +242,7 @@ func (l *trackingListener) Accept() (net.Conn, error) {
 	defer l.mu.Unlock()
 	tc := &trackedConn{Conn: c, l: l}
 	l.conns[tc] = struct{}{}
+	l.peak = max(l.peak, len(l.conns))
 	return tc, nil
 }
 

@@ -1,0 +1,651 @@
+package bridge
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"log/slog"
+	"maps"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// LeaseMode says how replicas share the devices (Config.Leases).
+type LeaseMode string
+
+// The lease modes.
+const (
+	LeasesAuto LeaseMode = "auto" // leases when JetStream is available
+	LeasesOn   LeaseMode = "on"   // leases, or nothing served until they work
+	LeasesOff  LeaseMode = "off"  // every configured device, no leases
+)
+
+// Lease defaults.
+const (
+	DefaultLeaseBucket = "KATCP_OWNERS"
+	DefaultLeaseTTL    = 5 * time.Second
+)
+
+// Keys in the lease bucket: "device.<name>" holds a Lease,
+// "replica.<id>" a Replica (the replica's heartbeat).
+const (
+	deviceKeyPrefix  = "device."
+	replicaKeyPrefix = "replica."
+)
+
+// Lease is the value of a device's key in the lease bucket.
+type Lease struct {
+	Owner    string  `json:"owner"`    // the owning replica's id
+	Instance string  `json:"instance"` // its instance name
+	Since    float64 `json:"since"`    // when it took the device (Unix seconds)
+}
+
+// Replica is the value of a replica's heartbeat key.
+type Replica struct {
+	ID       string  `json:"id"`
+	Instance string  `json:"instance"`
+	Started  float64 `json:"started"`
+}
+
+// leases shares the devices among replicas through a JetStream key-value
+// bucket. One goroutine (run) owns the leases: it takes free devices,
+// renews what it holds with compare-and-set on the revision, hands devices
+// over to better placed replicas and releases everything on shutdown.
+// Leases expire by per-message TTL; the bucket's limit markers tell every
+// watcher at once that a device is free.
+type leases struct {
+	b       *Bridge
+	js      jetstream.JetStream
+	kv      jetstream.KeyValue
+	bucket  string
+	id      string
+	log     *slog.Logger
+	devices []string // configured, sorted
+	ttl     time.Duration
+	renew   time.Duration
+	margin  time.Duration // a lease is dropped this long before it would expire
+
+	mu       sync.Mutex // guards the view, also read by owners requests
+	replicas map[string]*peer
+	owners   map[string]*ownerView
+
+	// Used by run only.
+	held      map[string]*heldLease
+	freeSince map[string]time.Time
+	started   time.Time
+	synced    bool // the watcher has delivered the bucket's contents
+	dirty     bool // something changed that may call for taking devices
+	draining  bool
+
+	handovers sync.WaitGroup
+	released  chan string // hand-overs whose devices are no longer served
+	drainCh   chan chan struct{}
+	stopCh    chan struct{}
+	done      chan struct{}
+}
+
+type peer struct {
+	Replica
+	seen    time.Time // first seen here
+	updated time.Time // last heartbeat seen here
+}
+
+type ownerView struct {
+	Lease
+	rev     uint64
+	updated time.Time
+}
+
+type heldLease struct {
+	since     time.Time
+	rev       uint64
+	sent      time.Time // when the last successful write was sent
+	releasing bool      // being handed over
+}
+
+// replicaID names this process in the bucket: the instance (sanitised
+// for a key) and a random suffix, so that two processes never share one.
+func replicaID(instance string) string {
+	var b strings.Builder
+	for i := 0; i < len(instance) && b.Len() < 64; i++ {
+		if c := instance[i]; plainByte(c) {
+			b.WriteByte(c)
+		} else {
+			b.WriteByte('_')
+		}
+	}
+	var r [4]byte
+	rand.Read(r[:])
+	return b.String() + "-" + hex.EncodeToString(r[:])
+}
+
+// setupLeases binds (creating if needed) the lease bucket. notAvailable
+// reports that the NATS system has no JetStream at all.
+func (b *Bridge) setupLeases(ctx context.Context) (l *leases, notAvailable bool, err error) {
+	js, err := jetstream.New(b.nc)
+	if err != nil {
+		return nil, false, err
+	}
+	kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{
+		Bucket:         b.cfg.LeaseBucket,
+		Description:    "katcp-bridge: which replica owns which device",
+		History:        1,
+		Storage:        jetstream.FileStorage, // leases survive a NATS restart
+		Replicas:       max(b.cfg.LeaseReplicas, 1),
+		LimitMarkerTTL: max(2*b.cfg.LeaseTTL, time.Minute),
+	})
+	if errors.Is(err, jetstream.ErrBucketExists) {
+		kv, err = js.KeyValue(ctx, b.cfg.LeaseBucket)
+		if err == nil {
+			var st jetstream.KeyValueStatus
+			if st, err = kv.Status(ctx); err == nil && st.LimitMarkerTTL() <= 0 {
+				err = fmt.Errorf("bucket %s exists without limit markers (per-key TTL); remove it or configure another bucket", b.cfg.LeaseBucket)
+			}
+		}
+	}
+	if err != nil {
+		na := errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount) ||
+			errors.Is(err, nats.ErrNoResponders)
+		return nil, na, fmt.Errorf("lease bucket %s: %w", b.cfg.LeaseBucket, err)
+	}
+	devices := make([]string, 0, len(b.cfg.Devices))
+	for _, d := range b.cfg.Devices {
+		devices = append(devices, d.Name)
+	}
+	slices.Sort(devices)
+	return &leases{
+		b:         b,
+		js:        js,
+		kv:        kv,
+		bucket:    b.cfg.LeaseBucket,
+		id:        b.id,
+		log:       b.log,
+		devices:   devices,
+		ttl:       b.cfg.LeaseTTL,
+		renew:     b.cfg.LeaseRenew,
+		margin:    min(b.cfg.LeaseTTL/4, b.cfg.LeaseRenew),
+		replicas:  map[string]*peer{},
+		owners:    map[string]*ownerView{},
+		held:      map[string]*heldLease{},
+		freeSince: map[string]time.Time{},
+		released:  make(chan string, len(devices)),
+		drainCh:   make(chan chan struct{}),
+		stopCh:    make(chan struct{}),
+		done:      make(chan struct{}),
+	}, false, nil
+}
+
+// start runs the lease loop.
+func (l *leases) start() {
+	l.started = time.Now()
+	go l.run()
+}
+
+// drain stops taking and handing over devices; it returns once the loop
+// has seen it.
+func (l *leases) drain() {
+	ack := make(chan struct{})
+	select {
+	case l.drainCh <- ack:
+		<-ack
+	case <-l.done:
+	}
+}
+
+// close releases every lease and the heartbeat and stops the loop. The
+// devices must no longer be served.
+func (l *leases) close() {
+	select {
+	case <-l.stopCh:
+	default:
+		close(l.stopCh)
+	}
+	<-l.done
+}
+
+func (l *leases) run() {
+	defer close(l.done)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	l.heartbeat(ctx)
+	w := l.watch(ctx)
+	tick := time.NewTicker(l.renew)
+	defer tick.Stop()
+	for {
+		var updates <-chan jetstream.KeyValueEntry
+		if w != nil {
+			updates = w.Updates()
+		}
+		select {
+		case e, ok := <-updates:
+			if !ok {
+				w = nil // watched again at the next tick
+				break
+			}
+			l.apply(e)
+		more: // take whatever else is waiting before acting on it
+			for {
+				select {
+				case e, ok := <-updates:
+					if !ok {
+						w = nil
+						break more
+					}
+					l.apply(e)
+				default:
+					break more
+				}
+			}
+		case <-tick.C:
+			if w == nil {
+				w = l.watch(ctx)
+			}
+			l.heartbeat(ctx)
+			l.renewAll(ctx)
+			l.dirty = true
+		case d := <-l.released:
+			l.deleteLease(ctx, d)
+		case ack := <-l.drainCh:
+			l.draining = true
+			close(ack)
+		case <-l.stopCh:
+			l.handovers.Wait()
+			l.releaseAll(ctx)
+			if w != nil {
+				w.Stop()
+			}
+			return
+		}
+		l.expire()
+		if l.dirty && l.synced && !l.draining && time.Since(l.started) >= l.renew {
+			l.dirty = false
+			l.reconcile(ctx)
+		}
+	}
+}
+
+func (l *leases) watch(ctx context.Context) jetstream.KeyWatcher {
+	w, err := l.kv.WatchAll(ctx)
+	if err != nil {
+		l.log.Warn("leases: cannot watch the bucket; retrying", "bucket", l.bucket, "err", err)
+		return nil
+	}
+	l.synced = false
+	return w
+}
+
+// apply updates the view with one entry from the watcher (nil marks the
+// end of the bucket's initial contents).
+func (l *leases) apply(e jetstream.KeyValueEntry) {
+	if e == nil {
+		l.synced = true
+		l.dirty = true
+		return
+	}
+	now := time.Now()
+	gone := e.Operation() != jetstream.KeyValuePut
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	switch key := e.Key(); {
+	case strings.HasPrefix(key, replicaKeyPrefix):
+		id := key[len(replicaKeyPrefix):]
+		if gone {
+			if _, ok := l.replicas[id]; ok {
+				delete(l.replicas, id)
+				l.dirty = true
+			}
+			return
+		}
+		var r Replica
+		if err := json.Unmarshal(e.Value(), &r); err != nil {
+			l.log.Warn("leases: bad replica entry", "key", key, "err", err)
+			return
+		}
+		p := l.replicas[id]
+		if p == nil {
+			p = &peer{seen: now}
+			l.replicas[id] = p
+			l.dirty = true
+		}
+		p.Replica, p.updated = r, now
+	case strings.HasPrefix(key, deviceKeyPrefix):
+		dev := key[len(deviceKeyPrefix):]
+		h := l.held[dev]
+		if gone {
+			delete(l.owners, dev)
+			l.freeSince[dev] = now
+			l.dirty = true
+			if h != nil && e.Revision() > h.rev {
+				l.mu.Unlock()
+				l.lose(dev, "lease expired in the bucket")
+				l.mu.Lock()
+			}
+			return
+		}
+		var le Lease
+		if err := json.Unmarshal(e.Value(), &le); err != nil {
+			l.log.Warn("leases: bad lease entry", "key", key, "err", err)
+			return
+		}
+		l.owners[dev] = &ownerView{Lease: le, rev: e.Revision(), updated: now}
+		delete(l.freeSince, dev)
+		if h != nil && le.Owner != l.id {
+			l.mu.Unlock()
+			l.lose(dev, "lease taken by "+le.Instance)
+			l.mu.Lock()
+		}
+	}
+}
+
+// heartbeat writes this replica's key, with the lease TTL.
+func (l *leases) heartbeat(ctx context.Context) {
+	doc := mustJSON(Replica{ID: l.id, Instance: l.b.instance, Started: float64(l.started.UnixNano()) / 1e9})
+	ctx, cancel := context.WithTimeout(ctx, l.renew)
+	defer cancel()
+	_, err := l.js.PublishMsg(ctx, &nats.Msg{Subject: l.subject(replicaKeyPrefix + l.id), Data: doc}, jetstream.WithMsgTTL(l.ttl))
+	if err != nil {
+		l.b.metrics.leaseRenewFailures.Add(1)
+		l.log.Warn("leases: heartbeat failed", "err", err)
+	}
+}
+
+func (l *leases) subject(key string) string { return "$KV." + l.bucket + "." + key }
+
+// renewAll renews every held lease, all at once, with compare-and-set.
+func (l *leases) renewAll(ctx context.Context) {
+	if len(l.held) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, l.renew)
+	defer cancel()
+	type pending struct {
+		dev  string
+		sent time.Time
+		f    jetstream.PubAckFuture
+	}
+	var ps []pending
+	for _, dev := range slices.Sorted(maps.Keys(l.held)) {
+		h := l.held[dev]
+		sent := time.Now()
+		doc := l.leaseDoc(h.since)
+		f, err := l.js.PublishMsgAsync(&nats.Msg{Subject: l.subject(deviceKeyPrefix + dev), Data: doc},
+			jetstream.WithExpectLastSequencePerSubject(h.rev), jetstream.WithMsgTTL(l.ttl))
+		if err != nil {
+			l.b.metrics.leaseRenewFailures.Add(1)
+			continue
+		}
+		ps = append(ps, pending{dev, sent, f})
+	}
+	for _, p := range ps {
+		select {
+		case ack := <-p.f.Ok():
+			if h := l.held[p.dev]; h != nil {
+				h.rev, h.sent = ack.Sequence, p.sent
+			}
+		case err := <-p.f.Err():
+			l.b.metrics.leaseRenewFailures.Add(1)
+			if conflict(err) {
+				l.lose(p.dev, "lease renewal refused: another replica holds it")
+			} else {
+				l.log.Warn("leases: renewal failed", "device", p.dev, "err", err)
+			}
+		case <-ctx.Done():
+			l.b.metrics.leaseRenewFailures.Add(1)
+			l.log.Warn("leases: renewal timed out", "device", p.dev)
+		}
+	}
+}
+
+func (l *leases) leaseDoc(since time.Time) []byte {
+	return mustJSON(Lease{Owner: l.id, Instance: l.b.instance, Since: float64(since.UnixNano()) / 1e9})
+}
+
+func conflict(err error) bool {
+	var apiErr *jetstream.APIError
+	return errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence ||
+		apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant)
+}
+
+// expire drops leases that could not be renewed in time: the device must
+// be closed before another replica may take it.
+func (l *leases) expire() {
+	for dev, h := range l.held {
+		if time.Since(h.sent) >= l.ttl-l.margin {
+			l.lose(dev, "lease could not be renewed in time")
+		}
+	}
+}
+
+// lose stops serving a device whose lease is gone, at once.
+func (l *leases) lose(dev, reason string) {
+	if l.held[dev] == nil {
+		return
+	}
+	delete(l.held, dev)
+	l.b.metrics.leasesLost.Add(1)
+	l.b.metrics.leasesHeld.Add(-1)
+	l.log.Warn("leases: lost a device", "device", dev, "reason", reason)
+	l.b.unserve([]string{dev}, true, "lease lost: "+reason)
+	l.dirty = true
+}
+
+// reconcile takes free devices meant for this replica (or free for too
+// long) and hands over devices that another replica should have.
+func (l *leases) reconcile(ctx context.Context) {
+	now := time.Now()
+	l.mu.Lock()
+	live := []string{l.id}
+	for id, p := range l.replicas {
+		if id != l.id && now.Sub(p.updated) < l.ttl+l.renew {
+			live = append(live, id)
+		}
+	}
+	slices.Sort(live)
+	target := assign(l.devices, live)
+	var take []string
+	for _, dev := range l.devices {
+		if l.held[dev] != nil {
+			continue
+		}
+		if o := l.owners[dev]; o != nil && now.Sub(o.updated) < l.ttl+l.renew {
+			continue // held by another replica
+		}
+		since, ok := l.freeSince[dev]
+		if !ok {
+			since = now
+			l.freeSince[dev] = now
+		}
+		if target[dev] == l.id || now.Sub(since) >= l.ttl/2 {
+			take = append(take, dev)
+		}
+	}
+	var give []string
+	fair := (len(l.devices) + len(live) - 1) / len(live)
+	keep := len(l.held)
+	for _, dev := range slices.Sorted(maps.Keys(l.held)) {
+		if l.held[dev].releasing {
+			keep--
+		}
+	}
+	for _, dev := range slices.Sorted(maps.Keys(l.held)) {
+		if keep <= fair {
+			break
+		}
+		t := target[dev]
+		if p := l.replicas[t]; t != l.id && !l.held[dev].releasing && p != nil && now.Sub(p.seen) >= l.ttl {
+			give = append(give, dev)
+			keep--
+		}
+	}
+	l.mu.Unlock()
+
+	var got []string
+	for _, dev := range take {
+		sent := time.Now()
+		cctx, cancel := context.WithTimeout(ctx, l.renew)
+		rev, err := l.kv.Create(cctx, deviceKeyPrefix+dev, l.leaseDoc(sent), jetstream.KeyTTL(l.ttl))
+		cancel()
+		if err != nil {
+			if !errors.Is(err, jetstream.ErrKeyExists) && !conflict(err) {
+				l.log.Warn("leases: could not take a device", "device", dev, "err", err)
+				break
+			}
+			continue // another replica was quicker
+		}
+		l.held[dev] = &heldLease{since: sent, rev: rev, sent: sent}
+		l.b.metrics.leasesAcquired.Add(1)
+		l.b.metrics.leasesHeld.Add(1)
+		got = append(got, dev)
+	}
+	if len(got) > 0 {
+		l.log.Info("leases: took devices", "devices", strings.Join(got, ","))
+		l.b.serve(got)
+	}
+	for _, dev := range give {
+		l.held[dev].releasing = true
+		l.log.Info("leases: handing a device over", "device", dev, "to", target[dev])
+		l.handovers.Add(1)
+		go func() {
+			defer l.handovers.Done()
+			l.b.unserve([]string{dev}, false, "handed over to another bridge replica")
+			l.released <- dev
+		}()
+	}
+}
+
+// deleteLease releases a lease this replica holds, with compare-and-set:
+// never a lease it no longer holds.
+func (l *leases) deleteLease(ctx context.Context, dev string) {
+	h := l.held[dev]
+	if h == nil {
+		return
+	}
+	delete(l.held, dev)
+	l.b.metrics.leasesHeld.Add(-1)
+	l.b.metrics.leasesReleased.Add(1)
+	ctx, cancel := context.WithTimeout(ctx, l.renew)
+	defer cancel()
+	if err := l.kv.Delete(ctx, deviceKeyPrefix+dev, jetstream.LastRevision(h.rev)); err != nil {
+		l.log.Warn("leases: could not release a device (it will expire)", "device", dev, "err", err)
+	}
+	l.dirty = true
+}
+
+func (l *leases) releaseAll(ctx context.Context) {
+	for _, dev := range slices.Sorted(maps.Keys(l.held)) {
+		l.deleteLease(ctx, dev)
+	}
+	dctx, cancel := context.WithTimeout(ctx, l.renew)
+	defer cancel()
+	if err := l.kv.Delete(dctx, replicaKeyPrefix+l.id); err != nil {
+		l.log.Warn("leases: could not remove the heartbeat (it will expire)", "err", err)
+	}
+}
+
+// assign places each device on one of the live replicas: rendezvous
+// (highest random weight) hashing, so that a replica coming or going
+// moves few devices, with a bound of ceil(N/R) devices per replica so
+// that the spread is even. Every replica computes the same answer from
+// the same view.
+func assign(devices, replicas []string) map[string]string {
+	if len(replicas) == 0 {
+		return nil
+	}
+	capacity := (len(devices) + len(replicas) - 1) / len(replicas)
+	load := make(map[string]int, len(replicas))
+	out := make(map[string]string, len(devices))
+	type scored struct {
+		id    string
+		score uint64
+	}
+	ranked := make([]scored, len(replicas))
+	for _, d := range devices {
+		for i, r := range replicas {
+			ranked[i] = scored{r, weight(d, r)}
+		}
+		slices.SortFunc(ranked, func(a, b scored) int {
+			if a.score != b.score {
+				if a.score > b.score {
+					return -1
+				}
+				return 1
+			}
+			return strings.Compare(a.id, b.id)
+		})
+		for _, s := range ranked {
+			if load[s.id] < capacity {
+				out[d] = s.id
+				load[s.id]++
+				break
+			}
+		}
+	}
+	return out
+}
+
+func weight(device, replica string) uint64 {
+	h := fnv.New64a()
+	h.Write([]byte(device))
+	h.Write([]byte{0})
+	h.Write([]byte(replica))
+	x := h.Sum64() // splitmix64's finaliser spreads FNV's low bits
+	x ^= x >> 30
+	x *= 0xbf58476d1ce4e5b9
+	x ^= x >> 27
+	x *= 0x94d049bb133111eb
+	x ^= x >> 31
+	return x
+}
+
+// Owners is the answer to a request on the owners subject: which replica
+// serves which device, as the answering replica sees the lease bucket.
+type Owners struct {
+	Leases     bool          `json:"leases"` // false: a single replica without leases
+	Bucket     string        `json:"bucket,omitempty"`
+	AnsweredBy string        `json:"answered_by"` // the answering replica's instance
+	Replicas   []Replica     `json:"replicas"`
+	Devices    []DeviceOwner `json:"devices"`
+}
+
+// DeviceOwner is one device's owner; Owner is empty when the device is
+// free.
+type DeviceOwner struct {
+	Device   string  `json:"device"`
+	Owner    string  `json:"owner,omitempty"`    // replica id
+	Instance string  `json:"instance,omitempty"` // replica instance
+	Since    float64 `json:"since,omitempty"`
+}
+
+// snapshot returns the view as an Owners document.
+func (l *leases) snapshot() Owners {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	o := Owners{Leases: true, Bucket: l.bucket, AnsweredBy: l.b.instance, Replicas: []Replica{}, Devices: []DeviceOwner{}}
+	for _, id := range slices.Sorted(maps.Keys(l.replicas)) {
+		o.Replicas = append(o.Replicas, l.replicas[id].Replica)
+	}
+	names := slices.Clone(l.devices)
+	for dev := range l.owners {
+		if _, ok := slices.BinarySearch(l.devices, dev); !ok {
+			names = append(names, dev)
+		}
+	}
+	slices.Sort(names)
+	for _, dev := range names {
+		d := DeviceOwner{Device: dev}
+		if v := l.owners[dev]; v != nil {
+			d.Owner, d.Instance, d.Since = v.Owner, v.Instance, v.Since
+		}
+		o.Devices = append(o.Devices, d)
+	}
+	return o
+}
