@@ -211,6 +211,11 @@ func checkObjects(t *testing.T, o objects) {
 	if env["KATCP_BRIDGE_NATS_URL"] == "" || env["KATCP_BRIDGE_DEVICES_FILE"] == "" {
 		t.Errorf("env lacks the NATS URL or the devices file: %v", env)
 	}
+	// Two pods, or a rolling update, may only share devices through leases.
+	several := d.Spec.Replicas == nil || *d.Spec.Replicas > 1 || d.Spec.Strategy.Type != appsv1.RecreateDeploymentStrategyType
+	if several && env["KATCP_BRIDGE_LEASES"] != "on" {
+		t.Errorf("%v replicas with strategy %q but KATCP_BRIDGE_LEASES=%q: two pods could hold one device", d.Spec.Replicas, d.Spec.Strategy.Type, env["KATCP_BRIDGE_LEASES"])
+	}
 	// The HTTP port the probes use is the one the binary listens on.
 	var httpPort int32
 	for _, p := range c.Ports {
@@ -504,14 +509,17 @@ func TestRenderDetails(t *testing.T) {
 
 func TestSchemaRejectsBadValues(t *testing.T) {
 	for name, vals := range map[string]map[string]any{
-		"wrong type":          {"replicaCount": "three"},
-		"unknown key":         {"replicas": 3},
-		"unknown nested key":  {"nats": map[string]any{"url": "nats://n:4222", "password": "x"}},
-		"bad device name":     {"devices": []any{map[string]any{"name": "m.0", "address": "h:1"}}},
-		"device without port": {"devices": []any{map[string]any{"name": "m0", "address": "h"}}},
-		"bad log level":       {"bridge": map[string]any{"logLevel": "loud"}},
-		"bad duration":        {"bridge": map[string]any{"defaultTimeout": "5 seconds"}},
-		"not a NATS URL":      {"nats": map[string]any{"url": "http://nats:4222"}},
+		"wrong type":           {"replicaCount": "three"},
+		"replicas sans leases": {"replicaCount": 2, "leases": map[string]any{"mode": "auto"}},
+		"bad lease mode":       {"leases": map[string]any{"mode": "maybe"}},
+		"bad lease TTL":        {"leases": map[string]any{"ttl": "5"}},
+		"unknown key":          {"replicas": 3},
+		"unknown nested key":   {"nats": map[string]any{"url": "nats://n:4222", "password": "x"}},
+		"bad device name":      {"devices": []any{map[string]any{"name": "m.0", "address": "h:1"}}},
+		"device without port":  {"devices": []any{map[string]any{"name": "m0", "address": "h"}}},
+		"bad log level":        {"bridge": map[string]any{"logLevel": "loud"}},
+		"bad duration":         {"bridge": map[string]any{"defaultTimeout": "5 seconds"}},
+		"not a NATS URL":       {"nats": map[string]any{"url": "http://nats:4222"}},
 	} {
 		if _, err := render(t, vals); err == nil {
 			t.Errorf("%s: accepted", name)

@@ -59,6 +59,12 @@ type Config struct {
 	LastValuesReplicas int    `envconfig:"LAST_VALUES_REPLICAS" default:"1" desc:"replicas of that stream (up to the JetStream cluster's size)"`
 	LastValuesStorage  string `envconfig:"LAST_VALUES_STORAGE" default:"file" desc:"file or memory storage for that stream"`
 
+	Leases        string        `envconfig:"LEASES" default:"auto" desc:"auto, on or off: share the devices with other replicas through leases in a JetStream key-value bucket (auto: when JetStream is available; on: required, nothing served until the bucket works; off: serve every device, one replica only)"`
+	LeaseBucket   string        `envconfig:"LEASE_BUCKET" default:"KATCP_OWNERS" desc:"name of the lease bucket"`
+	LeaseReplicas int           `envconfig:"LEASE_REPLICAS" default:"1" desc:"replicas of the lease bucket (up to the JetStream cluster's size)"`
+	LeaseTTL      time.Duration `envconfig:"LEASE_TTL" default:"5s" desc:"how long a lease lives without renewal: how long a dead replica's devices wait for a new owner (at least 1s)"`
+	LeaseRenew    time.Duration `envconfig:"LEASE_RENEW" desc:"how often leases are renewed (default a quarter of LEASE_TTL; at most half)"`
+
 	Devices     string `envconfig:"DEVICES" desc:"devices as name=host:port[,name=host:port...] (added to those of DEVICES_FILE)"`
 	DevicesFile string `envconfig:"DEVICES_FILE" desc:"YAML or JSON file with the devices: a list, or {devices: [...]}; each has name, address, sensors [{pattern, strategy, params}], timeout, allow, deny, read_only"`
 
@@ -133,6 +139,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("KATCP_BRIDGE_LAST_VALUES_STORAGE must be file or memory, not %q", cfg.LastValuesStorage)
 	}
 	bcfg := bridge.Config{
+		Leases:             bridge.LeaseMode(cfg.Leases),
+		LeaseBucket:        cfg.LeaseBucket,
+		LeaseReplicas:      cfg.LeaseReplicas,
+		LeaseTTL:           cfg.LeaseTTL,
+		LeaseRenew:         cfg.LeaseRenew,
 		NoLastValues:       !cfg.LastValues,
 		LastValuesStream:   cfg.LastValuesStream,
 		LastValuesReplicas: cfg.LastValuesReplicas,
