@@ -3,12 +3,16 @@
 //
 // # Parts
 //
-// A Bridge runs one worker per configured Device. The worker owns the
+// A Bridge runs one worker per device it serves. The worker owns the
 // device's katcp.Client (kept connected, with backoff), its sensor
 // watchers and its publications; nothing else touches the connection. The
 // bridge registers one NATS micro service, "katcp-bridge", with an
-// endpoint per device, so $SRV.PING, $SRV.INFO and $SRV.STATS work with
-// standard tools (STATS carries each device's Status).
+// endpoint per served device, so $SRV.PING, $SRV.INFO and $SRV.STATS work
+// with standard tools (STATS carries each device's Status; the service
+// metadata names the instance and replica id, each endpoint's metadata its
+// device, address and owner). As devices come and go the service is
+// replaced: the new one subscribes before the old one stops, so the
+// devices that stay are served throughout (their STATS counters restart).
 //
 // # The contract on NATS
 //
@@ -19,6 +23,8 @@
 //	katcp.<device>.sensor.<sensor>   sensor updates (JSON, SensorUpdate)
 //	katcp.<device>.status            device state (JSON, Status), published on change;
 //	                                 a request to it returns the current state
+//	katcp.owners                     request-reply: which replica serves which
+//	                                 device (JSON, Owners)
 //
 // Request body: the KATCP arguments as they follow the request name on the
 // wire ("a\_b 3", escaped and space-separated; empty for none), so that
@@ -53,11 +59,15 @@
 //	request denied by policy or read-only mode  403   -             bridge
 //	request the device does not have (?help)    404   -             bridge
 //	device not connected (answered at once)     503   -             bridge
-//	too many requests in flight, shutting down  503   -             bridge
+//	too many requests in flight                 503   -             bridge
+//	not served here (moving, stopping) (*)      503   -             bridge
 //	device did not answer in time               504   -             bridge
 //
+// (*) with the header "Katcp-Not-Served: true": the replica that got the
+// request has stopped serving the device (it hands it over, or stops), or
+// has just taken it and is still connecting; a retry reaches the owner.
 // A device that no bridge serves has no subscriber: callers get NATS's
-// "no responders" at once (natsclient.ErrNotServed).
+// "no responders" at once. natsclient returns ErrNotServed for both.
 //
 // Sensors listed in the device's configuration (names, /regex/ or all,
 // each with a strategy; default: every sensor, event strategy) are
@@ -74,6 +84,36 @@
 // bridge might publish is dropped. natsclient.SubscribeLastSensors reads
 // it with an ordered consumer: every current value, then live updates.
 // Without JetStream the bridge logs so and publishes as before.
+//
+// # Replicas and leases
+//
+// Any number of bridges may serve one set of devices. With JetStream
+// (Config.Leases auto or on) they share them through the key-value bucket
+// KATCP_OWNERS: key "device.<name>" holds the owner's Lease, key
+// "replica.<id>" each replica's heartbeat (Replica). Every write carries a
+// per-message TTL (Config.LeaseTTL, default 5 s); the bucket's limit
+// markers make an expiry visible to every watcher at once. A replica
+//
+//   - writes its heartbeat and watches the whole bucket;
+//   - takes a free device with Create when the device is placed on it
+//     (rendezvous hashing over the live replicas, at most ceil(N/R) per
+//     replica), or when the device has stayed free for half a TTL;
+//   - renews its leases every Config.LeaseRenew with compare-and-set on
+//     the revision; a refused renewal, or a lease it could not renew for
+//     TTL minus a margin, makes it stop serving the device at once and
+//     close its connection, before the lease can expire in the bucket;
+//   - hands a device over when it holds more than its share and the
+//     device is placed on a replica alive for at least a TTL: it stops
+//     serving (requests in flight finish), closes the connection, then
+//     deletes the lease with compare-and-set; the new owner sees the
+//     delete and takes the device at once;
+//   - on Shutdown, does the same for every device, then deletes its
+//     heartbeat.
+//
+// So a device has at most one bridge connection at a time, and only its
+// owner subscribes its request and status subjects and publishes its
+// informs and sensors. Without JetStream (Leases auto) or with Leases off
+// a bridge serves every configured device: run one replica only.
 //
 // # Tracing
 //
