@@ -110,6 +110,16 @@ type heldLease struct {
 	rev       uint64
 	sent      time.Time // when the last successful write was sent
 	releasing bool      // being handed over
+	// timer closes the device when the lease could not be renewed in
+	// time, even if the loop is held up in a call to NATS.
+	timer *time.Timer
+}
+
+// newHeld records a lease just taken.
+func (l *leases) newHeld(dev string, rev uint64, sent time.Time) *heldLease {
+	return &heldLease{since: sent, rev: rev, sent: sent, timer: time.AfterFunc(time.Until(sent.Add(l.ttl-l.margin)), func() {
+		l.b.unserve([]string{dev}, true, "lease lost: it could not be renewed in time")
+	})}
 }
 
 // replicaID names this process in the bucket: the instance (sanitised
@@ -249,7 +259,6 @@ func (l *leases) run() {
 			if w == nil {
 				w = l.watch(ctx)
 			}
-			l.heartbeat(ctx)
 			l.renewAll(ctx)
 			l.dirty = true
 		case d := <-l.released:
@@ -349,7 +358,7 @@ func (l *leases) apply(e jetstream.KeyValueEntry) {
 // heartbeat writes this replica's key, with the lease TTL.
 func (l *leases) heartbeat(ctx context.Context) {
 	doc := mustJSON(Replica{ID: l.id, Instance: l.b.instance, Started: float64(l.started.UnixNano()) / 1e9})
-	ctx, cancel := context.WithTimeout(ctx, l.renew)
+	ctx, cancel := context.WithTimeout(ctx, l.wait())
 	defer cancel()
 	_, err := l.js.PublishMsg(ctx, &nats.Msg{Subject: l.subject(replicaKeyPrefix + l.id), Data: doc}, jetstream.WithMsgTTL(l.ttl))
 	if err != nil {
@@ -358,21 +367,29 @@ func (l *leases) heartbeat(ctx context.Context) {
 	}
 }
 
+// wait bounds each blocking call of the loop, so that it comes back to
+// expire well within the margin.
+func (l *leases) wait() time.Duration { return l.renew / 2 }
+
 func (l *leases) subject(key string) string { return "$KV." + l.bucket + "." + key }
 
-// renewAll renews every held lease, all at once, with compare-and-set.
+// renewAll writes the heartbeat and renews every held lease with
+// compare-and-set, all at once.
 func (l *leases) renewAll(ctx context.Context) {
-	if len(l.held) == 0 {
-		return
-	}
-	ctx, cancel := context.WithTimeout(ctx, l.renew)
+	ctx, cancel := context.WithTimeout(ctx, l.wait())
 	defer cancel()
 	type pending struct {
-		dev  string
+		dev  string // "" for the heartbeat
 		sent time.Time
 		f    jetstream.PubAckFuture
 	}
 	var ps []pending
+	hb := mustJSON(Replica{ID: l.id, Instance: l.b.instance, Started: float64(l.started.UnixNano()) / 1e9})
+	if f, err := l.js.PublishMsgAsync(&nats.Msg{Subject: l.subject(replicaKeyPrefix + l.id), Data: hb}, jetstream.WithMsgTTL(l.ttl)); err == nil {
+		ps = append(ps, pending{"", time.Now(), f})
+	} else {
+		l.b.metrics.leaseRenewFailures.Add(1)
+	}
 	for _, dev := range slices.Sorted(maps.Keys(l.held)) {
 		h := l.held[dev]
 		sent := time.Now()
@@ -390,17 +407,20 @@ func (l *leases) renewAll(ctx context.Context) {
 		case ack := <-p.f.Ok():
 			if h := l.held[p.dev]; h != nil {
 				h.rev, h.sent = ack.Sequence, p.sent
+				h.timer.Reset(time.Until(p.sent.Add(l.ttl - l.margin)))
 			}
 		case err := <-p.f.Err():
 			l.b.metrics.leaseRenewFailures.Add(1)
-			if conflict(err) {
+			if p.dev == "" {
+				l.log.Warn("leases: heartbeat failed", "err", err)
+			} else if conflict(err) {
 				l.lose(p.dev, "lease renewal refused: another replica holds it")
 			} else {
 				l.log.Warn("leases: renewal failed", "device", p.dev, "err", err)
 			}
 		case <-ctx.Done():
 			l.b.metrics.leaseRenewFailures.Add(1)
-			l.log.Warn("leases: renewal timed out", "device", p.dev)
+			l.log.Warn("leases: renewal timed out", "device", p.dev) // "" is the heartbeat
 		}
 	}
 }
@@ -427,9 +447,11 @@ func (l *leases) expire() {
 
 // lose stops serving a device whose lease is gone, at once.
 func (l *leases) lose(dev, reason string) {
-	if l.held[dev] == nil {
+	h := l.held[dev]
+	if h == nil {
 		return
 	}
+	h.timer.Stop()
 	delete(l.held, dev)
 	l.b.metrics.leasesLost.Add(1)
 	l.b.metrics.leasesHeld.Add(-1)
@@ -491,7 +513,7 @@ func (l *leases) reconcile(ctx context.Context) {
 	var got []string
 	for _, dev := range take {
 		sent := time.Now()
-		cctx, cancel := context.WithTimeout(ctx, l.renew)
+		cctx, cancel := context.WithTimeout(ctx, l.wait())
 		rev, err := l.kv.Create(cctx, deviceKeyPrefix+dev, l.leaseDoc(sent), jetstream.KeyTTL(l.ttl))
 		cancel()
 		if err != nil {
@@ -501,7 +523,7 @@ func (l *leases) reconcile(ctx context.Context) {
 			}
 			continue // another replica was quicker
 		}
-		l.held[dev] = &heldLease{since: sent, rev: rev, sent: sent}
+		l.held[dev] = l.newHeld(dev, rev, sent)
 		l.b.metrics.leasesAcquired.Add(1)
 		l.b.metrics.leasesHeld.Add(1)
 		got = append(got, dev)
@@ -529,10 +551,11 @@ func (l *leases) deleteLease(ctx context.Context, dev string) {
 	if h == nil {
 		return
 	}
+	h.timer.Stop()
 	delete(l.held, dev)
 	l.b.metrics.leasesHeld.Add(-1)
 	l.b.metrics.leasesReleased.Add(1)
-	ctx, cancel := context.WithTimeout(ctx, l.renew)
+	ctx, cancel := context.WithTimeout(ctx, l.wait())
 	defer cancel()
 	if err := l.kv.Delete(ctx, deviceKeyPrefix+dev, jetstream.LastRevision(h.rev)); err != nil {
 		l.log.Warn("leases: could not release a device (it will expire)", "device", dev, "err", err)
@@ -544,7 +567,7 @@ func (l *leases) releaseAll(ctx context.Context) {
 	for _, dev := range slices.Sorted(maps.Keys(l.held)) {
 		l.deleteLease(ctx, dev)
 	}
-	dctx, cancel := context.WithTimeout(ctx, l.renew)
+	dctx, cancel := context.WithTimeout(ctx, l.wait())
 	defer cancel()
 	if err := l.kv.Delete(dctx, replicaKeyPrefix+l.id); err != nil {
 		l.log.Warn("leases: could not remove the heartbeat (it will expire)", "err", err)
