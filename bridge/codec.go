@@ -183,6 +183,10 @@ type Status struct {
 	Address  string  `json:"address"`
 	Protocol string  `json:"protocol,omitempty"`
 	Owner    string  `json:"owner,omitempty"` // the bridge instance serving the device
+	// Leases is true when the owner holds the device through a lease
+	// (several replicas share the devices), false when it serves every
+	// configured device without leases (one replica, no JetStream).
+	Leases bool `json:"leases"`
 }
 
 // appendSensorJSON appends the SensorUpdate document for u, byte for byte

@@ -140,6 +140,9 @@ func TestLeasesSpreadFailoverAndHandOver(t *testing.T) {
 		}
 		return true
 	})
+	if st, err := c.Status(ctxFor(t), "d00"); err != nil || !st.Leases || st.Owner == "" {
+		t.Errorf("status with leases: %+v, %v", st, err)
+	}
 	for i, b := range rs.bridges {
 		held, acquired, _, _ := b.Metrics().Leases()
 		if held != int64(len(b.Serving())) || acquired < uint64(held) {
@@ -255,5 +258,8 @@ func TestLeasesOffWithoutJetStream(t *testing.T) {
 	}
 	if o.Leases || len(o.Devices) != 1 || o.Devices[0].Owner == "" {
 		t.Errorf("owners without leases: %+v", o)
+	}
+	if st, err := c.Status(ctxFor(t), "x"); err != nil || st.Leases {
+		t.Errorf("status without leases: %+v, %v", st, err)
 	}
 }

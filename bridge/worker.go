@@ -62,7 +62,7 @@ func newWorker(b *Bridge, d Device) (*worker, error) {
 		}
 		w.subs = append(w.subs, c)
 	}
-	w.state = Status{Device: d.Name, State: "disconnected", Since: now(), Reason: "not yet connected", Address: d.Address, Owner: b.instance}
+	w.state = Status{Device: d.Name, State: "disconnected", Since: now(), Reason: "not yet connected", Address: d.Address, Owner: b.instance, Leases: b.leasesOn.Load()}
 	return w, nil
 }
 
