@@ -54,16 +54,25 @@ type Bridge struct {
 	leasesOn   atomic.Bool
 	ownersSub  *nats.Subscription
 
-	mu      sync.Mutex                         // guards workers and svc
-	workers map[string]*worker                 // the devices served now
-	svc     micro.Service                      // one endpoint per served device
-	served  atomic.Pointer[map[string]*worker] // a copy of workers for STATS
+	mu      sync.Mutex         // guards workers, lingering and svc
+	workers map[string]*worker // the devices served now
+	// lingering devices are no longer served but keep their endpoints,
+	// answering "not served", until another replica serves them (see
+	// unserve).
+	lingering map[string]lingerer
+	svc       micro.Service                      // one endpoint per served or lingering device
+	served    atomic.Pointer[map[string]*worker] // a copy of workers for STATS
 
 	stopLeases chan struct{} // ends a pending lease setup
 	setupDone  chan struct{}
 
 	trackMu  sync.Mutex     // orders inflight.Add before Shutdown's Wait
 	inflight sync.WaitGroup // request goroutines
+}
+
+type lingerer struct {
+	w     *worker
+	since time.Time
 }
 
 // New checks cfg and returns a bridge that will use nc. Start starts it.
@@ -98,8 +107,9 @@ func New(nc *nats.Conn, cfg Config) (*Bridge, error) {
 		metrics:  c.Metrics,
 		instance: instance,
 		id:       replicaID(instance),
-		devices:  make(map[string]Device, len(c.Devices)),
-		workers:  make(map[string]*worker),
+		devices:   make(map[string]Device, len(c.Devices)),
+		workers:   make(map[string]*worker),
+		lingering: make(map[string]lingerer),
 	}
 	b.served.Store(&map[string]*worker{})
 	for _, d := range c.Devices {
@@ -214,6 +224,7 @@ func (b *Bridge) serve(names []string) {
 			continue
 		}
 		b.workers[n] = w
+		delete(b.lingering, n)
 		added = true
 	}
 	if added {
@@ -221,10 +232,13 @@ func (b *Bridge) serve(names []string) {
 	}
 }
 
-// unserve stops serving devices: their endpoints go first (callers get
-// no responders, or a not-served error for requests already delivered),
-// then the requests in flight finish (or are cancelled when force is
-// set), then the device connections close.
+// unserve stops serving devices: from now on their endpoints answer
+// "not served"; the requests in flight finish (or are cancelled when
+// force is set), then the device connections close. The endpoints linger
+// until another replica serves the devices (endLinger): in a NATS
+// cluster, a request already on its way to this replica's server when it
+// unsubscribes is forwarded to another member of the queue group, if
+// there is one, and lost otherwise.
 func (b *Bridge) unserve(names []string, force bool, reason string) {
 	b.mu.Lock()
 	var gone []*worker
@@ -232,12 +246,11 @@ func (b *Bridge) unserve(names []string, force bool, reason string) {
 		if w := b.workers[n]; w != nil {
 			delete(b.workers, n)
 			w.stopServing()
+			b.lingering[n] = lingerer{w, time.Now()}
 			gone = append(gone, w)
 		}
 	}
-	if len(gone) > 0 && !b.draining.Load() {
-		b.updateServiceLocked()
-	}
+	b.publishServedLocked()
 	b.mu.Unlock()
 	for _, w := range gone {
 		if force {
@@ -248,13 +261,41 @@ func (b *Bridge) unserve(names []string, force bool, reason string) {
 	}
 }
 
+// endLinger removes the endpoints of lingering devices; older than
+// (when positive) ends only those that have lingered that long.
+func (b *Bridge) endLinger(names []string, older time.Duration) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	removed := false
+	for _, n := range names {
+		if l, ok := b.lingering[n]; ok && (older <= 0 || time.Since(l.since) >= older) {
+			delete(b.lingering, n)
+			removed = true
+		}
+	}
+	if removed && !b.draining.Load() {
+		b.updateServiceLocked()
+	}
+}
+
+// lingeringDevices returns the devices whose endpoints linger.
+func (b *Bridge) lingeringDevices() []string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return slices.Collect(maps.Keys(b.lingering))
+}
+
+func (b *Bridge) publishServedLocked() {
+	cp := maps.Clone(b.workers)
+	b.served.Store(&cp)
+}
+
 // updateServiceLocked replaces the micro service by one whose endpoints
 // are the served devices. The new service subscribes before the old one
 // stops (the same queue group, so each request is handled once), so the
 // devices that stay are served throughout. b.mu is held.
 func (b *Bridge) updateServiceLocked() {
-	cp := maps.Clone(b.workers)
-	b.served.Store(&cp)
+	b.publishServedLocked()
 	svc, err := micro.AddService(b.nc, micro.Config{
 		Name:        ServiceName,
 		Version:     Version,
@@ -277,9 +318,14 @@ func (b *Bridge) updateServiceLocked() {
 		b.log.Error("bridge: cannot register the micro service", "err", err)
 		return
 	}
-	for _, name := range slices.Sorted(maps.Keys(b.workers)) {
+	handlers := make(map[string]*worker, len(b.workers)+len(b.lingering))
+	for n, l := range b.lingering {
+		handlers[n] = l.w
+	}
+	maps.Copy(handlers, b.workers)
+	for _, name := range slices.Sorted(maps.Keys(handlers)) {
 		d := b.devices[name]
-		err = svc.AddEndpoint(name, micro.HandlerFunc(b.workers[name].handle),
+		err = svc.AddEndpoint(name, micro.HandlerFunc(handlers[name].handle),
 			micro.WithEndpointSubject(b.scheme.Requests(name)),
 			micro.WithEndpointMetadata(map[string]string{"address": d.Address, "device": name, "owner": b.instance}))
 		if err != nil {
@@ -357,13 +403,17 @@ func (b *Bridge) Shutdown(ctx context.Context) error {
 	if b.ownersSub != nil {
 		b.ownersSub.Unsubscribe()
 	}
+	// Stop serving, but keep the endpoints (answering "not served") until
+	// other replicas serve the devices; see unserve.
 	b.mu.Lock()
-	svc, workers := b.svc, b.workers
-	b.svc, b.workers = nil, map[string]*worker{}
-	b.mu.Unlock()
-	if svc != nil {
-		svc.Stop() // drains the endpoints: no new requests
+	workers := b.workers
+	b.workers = map[string]*worker{}
+	for n, w := range workers {
+		w.stopServing()
+		b.lingering[n] = lingerer{w, time.Now()}
 	}
+	b.publishServedLocked()
+	b.mu.Unlock()
 	for _, w := range workers {
 		w.stopStatusRequests()
 	}
@@ -386,7 +436,37 @@ func (b *Bridge) Shutdown(ctx context.Context) error {
 		w.stop("bridge shutting down")
 	}
 	if l != nil {
-		l.close() // the connections are closed: the leases may go
+		// The connections are closed: the leases may go. Wait (at most a
+		// lease TTL) for the other replicas, if any, to serve the devices.
+		l.release()
+		if !l.othersAlive() {
+			b.mu.Lock()
+			clear(b.lingering)
+			b.mu.Unlock()
+		}
+		deadline := time.NewTimer(l.ttl)
+		poll := time.NewTicker(10 * time.Millisecond)
+	wait:
+		for len(b.lingeringDevices()) > 0 {
+			select {
+			case <-poll.C:
+			case <-deadline.C:
+				break wait
+			case <-ctx.Done():
+				break wait
+			}
+		}
+		deadline.Stop()
+		poll.Stop()
+		l.close()
+	}
+	b.mu.Lock()
+	svc := b.svc
+	b.svc = nil
+	clear(b.lingering)
+	b.mu.Unlock()
+	if svc != nil {
+		svc.Stop()
 	}
 	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()

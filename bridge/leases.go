@@ -85,10 +85,12 @@ type leases struct {
 	synced    bool // the watcher has delivered the bucket's contents
 	dirty     bool // something changed that may call for taking devices
 	draining  bool
+	gone      bool // released everything: renews nothing, only watches
 
 	handovers sync.WaitGroup
 	released  chan string // hand-overs whose devices are no longer served
 	drainCh   chan chan struct{}
+	releaseCh chan chan struct{}
 	stopCh    chan struct{}
 	done      chan struct{}
 }
@@ -103,6 +105,7 @@ type ownerView struct {
 	Lease
 	rev     uint64
 	updated time.Time
+	since   time.Time // when this owner was first seen here
 }
 
 type heldLease struct {
@@ -189,6 +192,7 @@ func (b *Bridge) setupLeases(ctx context.Context) (l *leases, notAvailable bool,
 		freeSince: map[string]time.Time{},
 		released:  make(chan string, len(devices)),
 		drainCh:   make(chan chan struct{}),
+		releaseCh: make(chan chan struct{}),
 		stopCh:    make(chan struct{}),
 		done:      make(chan struct{}),
 	}, false, nil
@@ -206,6 +210,18 @@ func (l *leases) drain() {
 	ack := make(chan struct{})
 	select {
 	case l.drainCh <- ack:
+		<-ack
+	case <-l.done:
+	}
+}
+
+// release gives up every lease and the heartbeat (the devices must no
+// longer be served); the loop goes on watching the bucket, so that
+// lingering endpoints end as other replicas take the devices.
+func (l *leases) release() {
+	ack := make(chan struct{})
+	select {
+	case l.releaseCh <- ack:
 		<-ack
 	case <-l.done:
 	}
@@ -259,16 +275,26 @@ func (l *leases) run() {
 			if w == nil {
 				w = l.watch(ctx)
 			}
-			l.renewAll(ctx)
+			l.endLingers()
+			if !l.gone {
+				l.renewAll(ctx)
+			}
 			l.dirty = true
 		case d := <-l.released:
 			l.deleteLease(ctx, d)
 		case ack := <-l.drainCh:
 			l.draining = true
 			close(ack)
-		case <-l.stopCh:
+		case ack := <-l.releaseCh:
 			l.handovers.Wait()
 			l.releaseAll(ctx)
+			l.gone = true
+			close(ack)
+		case <-l.stopCh:
+			l.handovers.Wait()
+			if !l.gone {
+				l.releaseAll(ctx)
+			}
 			if w != nil {
 				w.Stop()
 			}
@@ -345,7 +371,11 @@ func (l *leases) apply(e jetstream.KeyValueEntry) {
 			l.log.Warn("leases: bad lease entry", "key", key, "err", err)
 			return
 		}
-		l.owners[dev] = &ownerView{Lease: le, rev: e.Revision(), updated: now}
+		since := now
+		if old := l.owners[dev]; old != nil && old.Owner == le.Owner {
+			since = old.since
+		}
+		l.owners[dev] = &ownerView{Lease: le, rev: e.Revision(), updated: now, since: since}
 		delete(l.freeSince, dev)
 		if h != nil && le.Owner != l.id {
 			l.mu.Unlock()
@@ -353,6 +383,38 @@ func (l *leases) apply(e jetstream.KeyValueEntry) {
 			l.mu.Lock()
 		}
 	}
+}
+
+// othersAlive reports whether another replica's heartbeat is current.
+func (l *leases) othersAlive() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for id, p := range l.replicas {
+		if id != l.id && time.Since(p.updated) < l.ttl+l.renew {
+			return true
+		}
+	}
+	return false
+}
+
+// endLingers removes the lingering endpoints of devices that another
+// replica has served for a while (time for its subscription to reach
+// every NATS server), or that nobody took within a TTL.
+func (l *leases) endLingers() {
+	devs := l.b.lingeringDevices()
+	if len(devs) == 0 {
+		return
+	}
+	var taken []string
+	l.mu.Lock()
+	for _, dev := range devs {
+		if o := l.owners[dev]; o != nil && o.Owner != l.id && time.Since(o.since) >= l.renew/2 {
+			taken = append(taken, dev)
+		}
+	}
+	l.mu.Unlock()
+	l.b.endLinger(taken, 0)
+	l.b.endLinger(devs, l.ttl)
 }
 
 // heartbeat writes this replica's key, with the lease TTL.

@@ -34,6 +34,7 @@ type worker struct {
 	statSub *nats.Subscription
 
 	tried   atomic.Bool    // a first connection attempt has ended
+	ready   chan struct{}  // closed once start has set up client
 	serveMu sync.RWMutex   // orders reqWG.Add before stopServing's Wait
 	serving bool           // requests are taken
 	reqWG   sync.WaitGroup // requests taken
@@ -49,7 +50,7 @@ type worker struct {
 }
 
 func newWorker(b *Bridge, d Device) (*worker, error) {
-	w := &worker{b: b, dev: d, sem: make(chan struct{}, b.cfg.MaxInFlight), serving: true}
+	w := &worker{b: b, dev: d, sem: make(chan struct{}, b.cfg.MaxInFlight), serving: true, ready: make(chan struct{})}
 	w.ctx, w.cancel = context.WithCancel(context.Background())
 	subs := d.Sensors
 	if len(subs) == 0 {
@@ -103,6 +104,7 @@ func (w *worker) start() error {
 			OnUpdate: w.sensorUpdate,
 		}))
 	}
+	close(w.ready) // the client may have connected already: its callbacks wait for this
 	return nil
 }
 
@@ -152,6 +154,7 @@ func (w *worker) loop() {
 }
 
 func (w *worker) connected(info katcp.ProtocolInfo) {
+	<-w.ready
 	w.tried.Store(true)
 	if w.client.Stats().Reconnects > 0 {
 		w.b.metrics.reconnects.Add(1)

@@ -242,6 +242,23 @@ func TestReplicas(t *testing.T) {
 	f.waitEven("30 devices served by 3 replicas, 10 each", live...)
 	f.checkNoDoubleConnections()
 
+	// katcpcmd shows the same owners.
+	out, errOut, code := katcpcmd(t, fmt.Sprintf("nats://127.0.0.1:%d", cl.ports[1]), "--owners")
+	if code != 0 {
+		t.Fatalf("katcpcmd --owners: exit %d: %s", code, errOut)
+	}
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) != 31 || !strings.Contains(lines[0], "leases in bucket KATCP_OWNERS; 3 replicas") {
+		t.Fatalf("katcpcmd --owners printed:\n%s", out)
+	}
+	owners := f.owners()
+	for _, l := range lines[1:] {
+		fields := strings.Split(l, "\t")
+		if len(fields) != 3 || owners[fields[0]] != fields[1] || !strings.HasPrefix(fields[2], fields[1]+"-") {
+			t.Errorf("katcpcmd --owners: line %q, want the device, its owner's instance and replica id", l)
+		}
+	}
+
 	t.Run("failover after SIGKILL", func(t *testing.T) {
 		var times []time.Duration
 		for run, victim := range []string{"r0", "r1", "r2"} {

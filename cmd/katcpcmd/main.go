@@ -50,6 +50,7 @@ const usage = `usage:
   katcpcmd [--connect-timeout T] host:port --watch name[,name...] [--strategy "event"]
   katcpcmd nats://host:4222/<device> request [args...]      (through katcp-bridge)
   katcpcmd nats://host:4222/<device> --watch name[,name...]
+  katcpcmd nats://host:4222 --owners                        (which bridge replica serves which device)
 
 Flags (before the request name):
   --connect-timeout T   how long to wait for the connection (default 5s)
@@ -57,6 +58,7 @@ Flags (before the request name):
   --watch NAMES         watch these sensors (comma-separated) instead of sending a request
   --strategy S          sampling strategy and parameters for --watch (default "event")
   --prefix P            subject prefix of the bridge, for nats:// addresses (default "katcp")
+  --owners              list the devices and the bridge replicas serving them
 
 Exit status: 0 ok reply, 2 other reply, 1 connection error, timeout or usage error.
 `
@@ -67,6 +69,7 @@ type options struct {
 	watch          []string
 	strategy       string
 	prefix         string
+	owners         bool
 	addr           string
 	request        string
 	args           []string
@@ -91,6 +94,9 @@ func parseArgs(args []string) (options, error) {
 		switch name {
 		case "h", "help":
 			return o, errUsage
+		case "owners":
+			o.owners = true
+			continue
 		case "connect-timeout", "request-timeout", "watch", "strategy", "prefix":
 		default:
 			return o, fmt.Errorf("unknown flag %s", a)
@@ -122,6 +128,11 @@ func parseArgs(args []string) (options, error) {
 	switch {
 	case len(positional) == 0:
 		return o, errors.New("missing host:port")
+	case o.owners && (len(positional) > 1 || o.watch != nil):
+		return o, errors.New("--owners takes only a nats:// address")
+	case o.owners:
+		o.addr = positional[0]
+		return o, nil
 	case o.watch == nil && len(positional) < 2:
 		return o, errors.New("missing request name")
 	case o.watch != nil && len(positional) > 1:
@@ -161,6 +172,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 		fmt.Fprint(stderr, usage)
 		return 1
+	}
+	if o.owners {
+		return owners(ctx, o, stdout, stderr)
 	}
 	if o.watch == nil && !katcp.ValidName(o.request) {
 		fmt.Fprintf(stderr, "katcpcmd: %q is not a request name: %v\n", o.request, katcp.ErrBadName)

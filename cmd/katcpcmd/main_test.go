@@ -114,13 +114,17 @@ func TestConnectionErrors(t *testing.T) {
 }
 
 func TestUsage(t *testing.T) {
-	for _, args := range [][]string{nil, {"host:1"}, {"--bogus", "h:1", "x"}, {"--connect-timeout", "x", "h:1", "r"}, {"h:1", "--watch", "a", "extra"}, {"-h"}} {
+	for _, args := range [][]string{nil, {"host:1"}, {"--bogus", "h:1", "x"}, {"--connect-timeout", "x", "h:1", "r"}, {"h:1", "--watch", "a", "extra"}, {"-h"}, {"nats://h:1", "--owners", "x"}} {
 		_, errOut, code := runCmd(t, context.Background(), args...)
 		if code != 1 || !strings.Contains(errOut, "usage:") {
 			t.Errorf("%q: exit %d, stderr %q", args, code, errOut)
 		}
 	}
-	_, errOut, code := runCmd(t, context.Background(), "127.0.0.1:1", "bad_name")
+	_, errOut, code := runCmd(t, context.Background(), "127.0.0.1:1", "--owners")
+	if code != 1 || !strings.Contains(errOut, "needs a NATS address") {
+		t.Errorf("--owners without nats://: exit %d, stderr %q", code, errOut)
+	}
+	_, errOut, code = runCmd(t, context.Background(), "127.0.0.1:1", "bad_name")
 	if code != 1 || !strings.Contains(errOut, "not a request name") {
 		t.Errorf("bad name: exit %d, stderr %q", code, errOut)
 	}

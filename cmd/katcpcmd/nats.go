@@ -147,3 +147,43 @@ func sensorValueArg(typ string, v any) any {
 	}
 	return fmt.Sprint(v)
 }
+
+// owners prints which bridge replica serves which device.
+func owners(ctx context.Context, o options, stdout, stderr io.Writer) int {
+	u, err := url.Parse(o.addr)
+	if err != nil || !strings.Contains(o.addr, "://") || strings.Trim(u.Path, "/") != "" {
+		fmt.Fprintf(stderr, "katcpcmd: --owners needs a NATS address nats://host:port, not %q\n", o.addr)
+		return 1
+	}
+	nc, err := nats.Connect(o.addr, nats.Name("katcpcmd"), nats.Timeout(o.connectTimeout))
+	if err != nil {
+		fmt.Fprintf(stderr, "katcpcmd: connecting to %s: %v\n", o.addr, err)
+		return 1
+	}
+	defer nc.Close()
+	c, err := natsclient.New(nc, natsclient.Options{Prefix: o.prefix})
+	if err != nil {
+		fmt.Fprintf(stderr, "katcpcmd: %v\n", err)
+		return 1
+	}
+	ctx, cancel := context.WithTimeout(ctx, o.requestTimeout)
+	defer cancel()
+	ow, err := c.Owners(ctx)
+	if err != nil {
+		fmt.Fprintf(stderr, "katcpcmd: %v\n", err)
+		return 1
+	}
+	mode := "leases off: one replica serves every device"
+	if ow.Leases {
+		mode = "leases in bucket " + ow.Bucket
+	}
+	fmt.Fprintf(stdout, "# %s; %d replicas; answered by %s\n", mode, len(ow.Replicas), ow.AnsweredBy)
+	for _, d := range ow.Devices {
+		if d.Owner == "" {
+			fmt.Fprintf(stdout, "%s\t-\t(not served)\n", d.Device)
+			continue
+		}
+		fmt.Fprintf(stdout, "%s\t%s\t%s\n", d.Device, d.Instance, d.Owner)
+	}
+	return 0
+}
