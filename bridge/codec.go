@@ -53,6 +53,9 @@ func DecodeArgs(body []byte, isJSON bool) ([][]byte, error) {
 		}
 		return args, nil
 	}
+	if args, ok := splitPlain(body); ok {
+		return args, nil
+	}
 	line := make([]byte, 0, len(body)+3)
 	line = append(line, "?x "...)
 	line = append(line, body...)
@@ -65,6 +68,48 @@ func DecodeArgs(body []byte, isJSON bool) ([][]byte, error) {
 		return nil, fmt.Errorf("%w: %v", errBadBody, err)
 	}
 	return m.Args, nil
+}
+
+// splitPlain is DecodeArgs's fast path for a body without escapes, raw
+// NUL, ESC, CR or LF (the common case): the arguments are its runs of
+// bytes other than space and tab, copied. ok is false for other bodies,
+// which go through the full parser.
+func splitPlain(body []byte) (args [][]byte, ok bool) {
+	n := 0
+	inArg := false
+	for _, c := range body {
+		switch c {
+		case '\\', 0, 0x1b, '\r', '\n':
+			return nil, false
+		case ' ', '\t':
+			inArg = false
+		default:
+			if !inArg {
+				n++
+				inArg = true
+			}
+		}
+	}
+	if n == 0 {
+		return nil, true
+	}
+	data := append([]byte(nil), body...)
+	args = make([][]byte, 0, n)
+	start := -1
+	for i, c := range data {
+		if c == ' ' || c == '\t' {
+			if start >= 0 {
+				args = append(args, data[start:i:i])
+				start = -1
+			}
+		} else if start < 0 {
+			start = i
+		}
+	}
+	if start >= 0 {
+		args = append(args, data[start:len(data):len(data)])
+	}
+	return args, true
 }
 
 func decodeJSONArg(r json.RawMessage) ([]byte, error) {

@@ -280,14 +280,24 @@ func (w *worker) inform(m katcp.Message) {
 // sensorUpdate publishes a sensor update.
 func (w *worker) sensorUpdate(u katcp.SensorUpdate) {
 	w.b.metrics.sensorUpdates.Add(1)
-	doc := appendSensorJSON(make([]byte, 0, 160), w.dev.Name, u)
+	buf := sensorBufs.Get().(*[]byte)
+	doc := appendSensorJSON((*buf)[:0], w.dev.Name, u)
 	var id string
 	if w.b.lastValues.Load() {
 		id = msgID(w.dev.Name, u.Name, u.Timestamp, u.Status.String())
 	}
+	// PublishMsg copies doc into the connection's buffer before it
+	// returns, so the buffer serves the next update.
 	w.b.publishMsg(w.b.scheme.Sensor(w.dev.Name, u.Name), "publish katcp.{device}.sensor", doc, id,
 		attribute.String("katcp.device", w.dev.Name))
+	if cap(doc) <= 4096 {
+		*buf = doc
+		sensorBufs.Put(buf)
+	}
 }
+
+// sensorBufs holds buffers for sensor documents.
+var sensorBufs = sync.Pool{New: func() any { b := make([]byte, 0, 256); return &b }}
 
 // allowed applies the device's policy to a request name.
 func (w *worker) allowed(name string) bool {

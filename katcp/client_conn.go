@@ -351,7 +351,7 @@ func (cc *clientConn) handleInform(m *Message) {
 	case "log":
 		cc.c.log.Debug("katcp device log", "level", m.Arg(0), "name", m.Arg(2), "message", m.Arg(3))
 	}
-	if !cc.c.events.pushInform(m.Clone()) {
+	if !cc.c.events.pushInform(m) {
 		cc.c.stats.droppedInforms.Add(1)
 	}
 }

@@ -53,8 +53,24 @@ func (q *eventQueue) push(e event, bounded bool) bool {
 	return true
 }
 
-func (q *eventQueue) pushInform(m Message) bool { return q.push(event{kind: evInform, msg: m}, true) }
-func (q *eventQueue) pushEvent(e event) bool    { return q.push(e, false) }
+// pushInform queues a copy of m; it copies only when there is room, so
+// that a flood of informs beyond the bound costs no allocations.
+func (q *eventQueue) pushInform(m *Message) bool {
+	q.mu.Lock()
+	if q.closed || len(q.items) >= q.max {
+		q.mu.Unlock()
+		return false
+	}
+	q.items = append(q.items, event{kind: evInform, msg: m.Clone()})
+	q.mu.Unlock()
+	select {
+	case q.signal <- struct{}{}:
+	default:
+	}
+	return true
+}
+
+func (q *eventQueue) pushEvent(e event) bool { return q.push(e, false) }
 
 // close lets the consumer drain what is queued and then stop.
 func (q *eventQueue) close() {

@@ -151,7 +151,7 @@ func (s Scheme) Inform(device, inform string) string {
 
 // Sensor returns the subject a sensor's updates are published on.
 func (s Scheme) Sensor(device, sensor string) string {
-	return s.Device(device) + ".sensor." + EscapeSensor(sensor)
+	return s.Prefix() + "." + device + ".sensor." + EscapeSensor(sensor) // one allocation
 }
 
 // Sensors returns the wildcard subject of every sensor of a device
@@ -169,6 +169,9 @@ func (s Scheme) Owners() string { return s.Prefix() + ".owners" }
 // EscapeSensor turns a sensor name into subject tokens (see the package
 // documentation).
 func EscapeSensor(name string) string {
+	if plainSensor(name) {
+		return name // nothing to escape: the common case, without allocating
+	}
 	var b strings.Builder
 	for i, part := range strings.Split(name, ".") {
 		if i > 0 {
@@ -191,6 +194,27 @@ func EscapeSensor(name string) string {
 		}
 	}
 	return b.String()
+}
+
+// plainSensor reports whether EscapeSensor leaves name as it is: plain
+// bytes in non-empty parts separated by single dots.
+func plainSensor(name string) bool {
+	if name == "" || name[0] == '.' || name[len(name)-1] == '.' {
+		return false
+	}
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		if c == '.' {
+			if name[i-1] == '.' {
+				return false
+			}
+			continue
+		}
+		if !plain(c) {
+			return false
+		}
+	}
+	return true
 }
 
 // UnescapeSensor reverses EscapeSensor.

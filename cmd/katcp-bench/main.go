@@ -13,6 +13,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"strings"
 	"time"
 
@@ -41,8 +42,30 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	memDevices := fs.Int("devices", 1000, "idle devices for the memory row")
 	simDevices := fs.Int("sim-devices", 0, "internal: serve this many idle devices (the memory row's child process)")
 	simPort := fs.Int("sim-port", 0, "internal: first port of --sim-devices")
+	cpuprofile := fs.String("cpuprofile", "", "write a CPU profile of the run to this file")
+	oursprofile := fs.String("oursprofile", "", "write CPU profiles of the measurements of ours (not the baselines) to this file with suffixes .1, .2, ...")
+	fs.StringVar(&o.Only, "only", "", "bridge rows: comma-separated subset of one, inflight, sensors (default all)")
+	fs.StringVar(&o.Tracing, "tracing", "", "bridge rows: off, on, or both (default both)")
+	baseprofile := fs.String("baseprofile", "", "like --oursprofile, for the baselines' measurements")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if *baseprofile != "" {
+		o.ProfileBase = profiler(*baseprofile)
+	}
+	if *oursprofile != "" {
+		o.ProfileOurs = profiler(*oursprofile)
+	}
+	if *cpuprofile != "" {
+		f, err := os.Create(*cpuprofile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
 	}
 	if *simDevices > 0 {
 		return bench.RunSimDevices(ctx, *simDevices, *simPort)
@@ -77,4 +100,22 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	bench.Print(stdout, rows)
 	return nil
+}
+
+// profiler returns a function that starts a CPU profile in the next of
+// the files prefix.1, prefix.2, ... and returns its stop.
+func profiler(prefix string) func() func() {
+	n := 0
+	return func() func() {
+		n++
+		f, err := os.Create(fmt.Sprintf("%s.%d", prefix, n))
+		if err != nil {
+			return nil
+		}
+		if pprof.StartCPUProfile(f) != nil {
+			f.Close()
+			return nil
+		}
+		return func() { pprof.StopCPUProfile(); f.Close() }
+	}
 }

@@ -11,6 +11,7 @@ import (
 	"net"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -20,6 +21,17 @@ import (
 type Options struct {
 	Duration time.Duration // per measurement
 	Repeats  int           // measurements per figure; the median is kept
+	Only     string        // bridge rows: comma-separated subset of one, inflight, sensors ("" for all)
+	Tracing  string        // bridge rows: "off", "on" or "" for both
+	// ProfileOurs, when set, is called around each measurement of ours
+	// (not of the baseline): it starts a CPU profile and returns its stop.
+	ProfileOurs func() func()
+	ProfileBase func() func() // the same around each measurement of the baseline
+}
+
+// wants reports whether the bridge row k is selected.
+func (o Options) wants(k string) bool {
+	return o.Only == "" || slices.Contains(strings.Split(o.Only, ","), k)
 }
 
 // Row is one line of the results table.
@@ -99,12 +111,27 @@ func (o Options) pair(base, ours func() (float64, error)) (b, u float64, spread 
 	n := max(o.Repeats, 1)
 	bs, us := make([]float64, 0, n), make([]float64, 0, n)
 	for range n {
+		var stopBase func()
+		if o.ProfileBase != nil {
+			stopBase = o.ProfileBase()
+		}
 		v, err := base()
+		if stopBase != nil {
+			stopBase()
+		}
 		if err != nil {
 			return 0, 0, "", fmt.Errorf("baseline: %w", err)
 		}
 		bs = append(bs, v)
-		if v, err = ours(); err != nil {
+		var stop func()
+		if o.ProfileOurs != nil {
+			stop = o.ProfileOurs()
+		}
+		v, err = ours()
+		if stop != nil {
+			stop()
+		}
+		if err != nil {
 			return 0, 0, "", err
 		}
 		us = append(us, v)
