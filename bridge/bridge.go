@@ -60,6 +60,7 @@ type Bridge struct {
 	// answering "not served", until another replica serves them (see
 	// unserve).
 	lingering map[string]lingerer
+	stopping  map[string]*stopper                // workers closing (see unserve)
 	svc       micro.Service                      // one endpoint per served or lingering device
 	served    atomic.Pointer[map[string]*worker] // a copy of workers for STATS
 
@@ -68,6 +69,12 @@ type Bridge struct {
 
 	trackMu  sync.Mutex     // orders inflight.Add before Shutdown's Wait
 	inflight sync.WaitGroup // request goroutines
+}
+
+// stopper is a worker being stopped; done closes when it has.
+type stopper struct {
+	w    *worker
+	done chan struct{}
 }
 
 type lingerer struct {
@@ -98,18 +105,21 @@ func New(nc *nats.Conn, cfg Config) (*Bridge, error) {
 		instance = ServiceName
 	}
 	b := &Bridge{
-		cfg:       c,
-		nc:        nc,
-		scheme:    scheme,
-		log:       c.Logger,
-		tracer:    tp.Tracer(tracerName),
-		prop:      prop,
-		metrics:   c.Metrics,
-		instance:  instance,
-		id:        replicaID(instance),
-		devices:   make(map[string]Device, len(c.Devices)),
-		workers:   make(map[string]*worker),
-		lingering: make(map[string]lingerer),
+		cfg:        c,
+		nc:         nc,
+		scheme:     scheme,
+		log:        c.Logger,
+		tracer:     tp.Tracer(tracerName),
+		prop:       prop,
+		metrics:    c.Metrics,
+		instance:   instance,
+		id:         replicaID(instance),
+		devices:    make(map[string]Device, len(c.Devices)),
+		workers:    make(map[string]*worker),
+		lingering:  make(map[string]lingerer),
+		stopping:   make(map[string]*stopper),
+		stopLeases: make(chan struct{}),
+		setupDone:  make(chan struct{}),
 	}
 	b.served.Store(&map[string]*worker{})
 	for _, d := range c.Devices {
@@ -138,11 +148,10 @@ func (b *Bridge) Start() error {
 	b.setupLastValues()
 	sub, err := b.nc.QueueSubscribe(b.scheme.Owners(), "owners", b.ownersRequest)
 	if err != nil {
+		close(b.setupDone)
 		return fmt.Errorf("bridge: owners subject: %w", err)
 	}
 	b.ownersSub = sub
-	b.stopLeases = make(chan struct{})
-	b.setupDone = make(chan struct{})
 	if b.cfg.Leases == LeasesOff {
 		close(b.setupDone)
 		b.log.Info("leases are off: serving every configured device; run one replica only")
@@ -151,6 +160,15 @@ func (b *Bridge) Start() error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	l, na, err := b.setupLeases(ctx)
+	// No responders may only mean that JetStream is still starting (a
+	// cluster electing its leaders): ask again for a little while.
+	for retry := time.Now().Add(2 * time.Second); err != nil && errors.Is(err, nats.ErrNoResponders) && time.Now().Before(retry); {
+		select {
+		case <-time.After(200 * time.Millisecond):
+		case <-ctx.Done():
+		}
+		l, na, err = b.setupLeases(ctx)
+	}
 	cancel()
 	switch {
 	case err == nil:
@@ -202,13 +220,29 @@ func (b *Bridge) retryLeases() {
 	}
 }
 
-// serve starts workers for devices and adds their endpoints. It does
-// nothing once the bridge is draining.
-func (b *Bridge) serve(names []string) {
-	b.mu.Lock()
+// serve starts workers for devices and adds their endpoints; it returns
+// the devices it could not serve. It serves nothing once the bridge is
+// draining. A device whose previous worker is still closing waits for
+// it: never two connections to one device.
+func (b *Bridge) serve(names []string) (failed []string) {
+	for {
+		b.mu.Lock()
+		var wait chan struct{}
+		for _, n := range names {
+			if st := b.stopping[n]; st != nil {
+				wait = st.done
+				break
+			}
+		}
+		if wait == nil {
+			break // with b.mu held
+		}
+		b.mu.Unlock()
+		<-wait
+	}
 	defer b.mu.Unlock()
 	if b.draining.Load() {
-		return
+		return names
 	}
 	added := false
 	for _, n := range names {
@@ -221,6 +255,7 @@ func (b *Bridge) serve(names []string) {
 		}
 		if err != nil {
 			b.log.Error("bridge: cannot serve a device", "device", n, "err", err)
+			failed = append(failed, n)
 			continue
 		}
 		b.workers[n] = w
@@ -230,6 +265,7 @@ func (b *Bridge) serve(names []string) {
 	if added {
 		b.updateServiceLocked()
 	}
+	return failed
 }
 
 // unserve stops serving devices: from now on their endpoints answer
@@ -241,24 +277,42 @@ func (b *Bridge) serve(names []string) {
 // there is one, and lost otherwise.
 func (b *Bridge) unserve(names []string, force bool, reason string) {
 	b.mu.Lock()
-	var gone []*worker
+	var stops []*stopper
 	for _, n := range names {
 		if w := b.workers[n]; w != nil {
 			delete(b.workers, n)
 			w.stopServing()
 			b.lingering[n] = lingerer{w, time.Now()}
-			gone = append(gone, w)
+			st := &stopper{w, make(chan struct{})}
+			b.stopping[n] = st
+			stops = append(stops, st)
+		} else if st := b.stopping[n]; st != nil && force {
+			st.w.cancelRequests() // a gentler stop is under way: hurry it
 		}
 	}
 	b.publishServedLocked()
 	b.mu.Unlock()
-	for _, w := range gone {
-		if force {
-			w.cancelRequests()
-		}
-		w.waitRequests()
-		w.stop(reason)
+	for _, st := range stops {
+		b.finish(st, force, reason)
 	}
+}
+
+// finish stops a worker that no longer serves: its requests finish (for
+// at most a lease TTL) or are cancelled at once when force is set.
+func (b *Bridge) finish(st *stopper, force bool, reason string) {
+	if force {
+		st.w.cancelRequests()
+	}
+	t := time.AfterFunc(b.cfg.LeaseTTL, st.w.cancelRequests)
+	st.w.waitRequests()
+	t.Stop()
+	st.w.stop(reason)
+	b.mu.Lock()
+	if b.stopping[st.w.dev.Name] == st {
+		delete(b.stopping, st.w.dev.Name)
+	}
+	b.mu.Unlock()
+	close(st.done)
 }
 
 // endLinger removes the endpoints of lingering devices; older than
@@ -276,6 +330,13 @@ func (b *Bridge) endLinger(names []string, older time.Duration) {
 	if removed && !b.draining.Load() {
 		b.updateServiceLocked()
 	}
+}
+
+// isServing reports whether a worker serves the device.
+func (b *Bridge) isServing(dev string) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.workers[dev] != nil
 }
 
 // lingeringDevices returns the devices whose endpoints linger.
@@ -401,16 +462,20 @@ func (b *Bridge) Shutdown(ctx context.Context) error {
 		l.drain() // takes and hands over nothing more
 	}
 	if b.ownersSub != nil {
-		b.ownersSub.Unsubscribe()
+		b.ownersSub.Drain()
 	}
 	// Stop serving, but keep the endpoints (answering "not served") until
 	// other replicas serve the devices; see unserve.
 	b.mu.Lock()
 	workers := b.workers
 	b.workers = map[string]*worker{}
+	stops := make([]*stopper, 0, len(workers))
 	for n, w := range workers {
 		w.stopServing()
 		b.lingering[n] = lingerer{w, time.Now()}
+		st := &stopper{w, make(chan struct{})}
+		b.stopping[n] = st // a lease lost meanwhile cancels its requests
+		stops = append(stops, st)
 	}
 	b.publishServedLocked()
 	b.mu.Unlock()
@@ -432,8 +497,14 @@ func (b *Bridge) Shutdown(ctx context.Context) error {
 		}
 		<-done
 	}
-	for _, w := range workers {
-		w.stop("bridge shutting down")
+	for _, st := range stops {
+		st.w.stop("bridge shutting down")
+		b.mu.Lock()
+		if b.stopping[st.w.dev.Name] == st {
+			delete(b.stopping, st.w.dev.Name)
+		}
+		b.mu.Unlock()
+		close(st.done)
 	}
 	if l != nil {
 		// The connections are closed: the leases may go. Wait (at most a
@@ -517,7 +588,7 @@ func errorFor(err error, device string, timeout time.Duration) *errorReply {
 	case errors.Is(err, context.DeadlineExceeded):
 		return &errorReply{code: 504, source: "bridge", text: fmt.Sprintf("device %s did not reply within %v", device, timeout)}
 	case errors.Is(err, context.Canceled):
-		return &errorReply{code: 503, source: "bridge", text: "request cancelled: bridge shutting down"}
+		return errNotServed(device, "the request was cancelled as this replica stopped serving the device")
 	}
 	return &errorReply{code: 500, source: "bridge", text: err.Error()}
 }

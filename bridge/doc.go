@@ -90,8 +90,8 @@
 // Any number of bridges may serve one set of devices. With JetStream
 // (Config.Leases auto or on) they share them through the key-value bucket
 // KATCP_OWNERS: key "device.<name>" holds the owner's Lease, key
-// "replica.<id>" each replica's heartbeat (Replica). Every write carries a
-// per-message TTL (Config.LeaseTTL, default 5 s); the bucket's limit
+// "replica.<id>" each replica's heartbeat (Replica). Every lease and
+// heartbeat write carries a per-message TTL (Config.LeaseTTL, default 5 s); the bucket's limit
 // markers make an expiry visible to every watcher at once. A replica
 //
 //   - writes its heartbeat and watches the whole bucket;
@@ -100,8 +100,14 @@
 //     replica), or when the device has stayed free for half a TTL;
 //   - renews its leases every Config.LeaseRenew with compare-and-set on
 //     the revision; a refused renewal, or a lease it could not renew for
-//     TTL minus a margin, makes it stop serving the device at once and
-//     close its connection, before the lease can expire in the bucket;
+//     TTL minus a quarter TTL (measured from when it sent the last
+//     successful renewal; a timer per lease, independent of the loop),
+//     makes it stop serving the device at once and close its connection,
+//     before the lease can expire in the bucket; a refused renewal is
+//     checked against the bucket first (a stored renewal whose answer
+//     was lost in a reconnect is still ours);
+//   - gives up a lease on a device it no longer serves (closed by the
+//     timer, or failing to start), so that the device is taken afresh;
 //   - hands a device over when it holds more than its share and the
 //     device is placed on a replica alive for at least a TTL: it stops
 //     serving (requests in flight finish), closes the connection, then
@@ -110,9 +116,19 @@
 //   - on Shutdown, does the same for every device, then deletes its
 //     heartbeat.
 //
-// So a device has at most one bridge connection at a time, and only its
-// owner subscribes its request and status subjects and publishes its
-// informs and sensors. Without JetStream (Leases auto) or with Leases off
+// So a device has at most one bridge connection at a time, provided the
+// NATS servers' clocks agree (run NTP: a lease expires by the clock of
+// the stream's leader) and a replica closes a device within a quarter
+// TTL. A replica takes a device again only once its previous worker for
+// it has closed. Only the owner subscribes the device's request and
+// status subjects and publishes its informs and sensors. A replica that
+// stops serving a device keeps its endpoint for a while, answering
+// 503 with Katcp-Not-Served, until another replica has served the device
+// for half a renew interval (or a TTL passes): in a NATS cluster a
+// request already routed to the old owner's server when it unsubscribes
+// then goes to the new owner instead of being lost. A graceful hand-over
+// lets requests in flight finish for at most a TTL, then cancels them
+// (they get the not-served error). Without JetStream (Leases auto) or with Leases off
 // a bridge serves every configured device: run one replica only.
 //
 // # Tracing

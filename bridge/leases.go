@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -72,23 +73,25 @@ type leases struct {
 	devices []string // configured, sorted
 	ttl     time.Duration
 	renew   time.Duration
-	margin  time.Duration // a lease is dropped this long before it would expire
+	margin  time.Duration // a lease is dropped this long (TTL/4) before it would expire
 
 	mu       sync.Mutex // guards the view, also read by owners requests
 	replicas map[string]*peer
 	owners   map[string]*ownerView
 
 	// Used by run only.
-	held      map[string]*heldLease
-	freeSince map[string]time.Time
-	started   time.Time
-	synced    bool // the watcher has delivered the bucket's contents
-	dirty     bool // something changed that may call for taking devices
-	draining  bool
-	gone      bool // released everything: renews nothing, only watches
+	held        map[string]*heldLease
+	freeSince   map[string]time.Time
+	started     time.Time
+	synced      bool      // the watcher has delivered the bucket's contents
+	selfSeen    time.Time // our heartbeat last came back through the watch
+	dirty       bool      // something changed that may call for taking devices
+	draining    bool
+	gone        bool // released everything: renews nothing, only watches
+	noHeartbeat bool // the heartbeat is deleted and no longer written
 
 	handovers sync.WaitGroup
-	released  chan string // hand-overs whose devices are no longer served
+	released  chan handedOver // hand-overs whose devices are no longer served
 	drainCh   chan chan struct{}
 	releaseCh chan chan struct{}
 	stopCh    chan struct{}
@@ -108,21 +111,37 @@ type ownerView struct {
 	since   time.Time // when this owner was first seen here
 }
 
+type handedOver struct {
+	dev string
+	h   *heldLease
+}
+
 type heldLease struct {
 	since     time.Time
 	rev       uint64
 	sent      time.Time // when the last successful write was sent
 	releasing bool      // being handed over
 	// timer closes the device when the lease could not be renewed in
-	// time, even if the loop is held up in a call to NATS.
-	timer *time.Timer
+	// time, even if the loop is held up in a call to NATS; closed
+	// records that it did.
+	timer   *time.Timer
+	closed  atomic.Bool
+	done    atomic.Bool            // given up or released: the timer must do nothing
+	pending jetstream.PubAckFuture // a renewal not yet acknowledged
+	pendAt  time.Time              // when it was sent
 }
 
 // newHeld records a lease just taken.
 func (l *leases) newHeld(dev string, rev uint64, sent time.Time) *heldLease {
-	return &heldLease{since: sent, rev: rev, sent: sent, timer: time.AfterFunc(time.Until(sent.Add(l.ttl-l.margin)), func() {
+	h := &heldLease{since: sent, rev: rev, sent: sent}
+	h.timer = time.AfterFunc(time.Until(sent.Add(l.ttl-l.margin)), func() {
+		if h.done.Load() {
+			return
+		}
+		h.closed.Store(true)
 		l.b.unserve([]string{dev}, true, "lease lost: it could not be renewed in time")
-	})}
+	})
+	return h
 }
 
 // replicaID names this process in the bucket: the instance (sanitised
@@ -144,7 +163,8 @@ func replicaID(instance string) string {
 // setupLeases binds (creating if needed) the lease bucket. notAvailable
 // reports that the NATS system has no JetStream at all.
 func (b *Bridge) setupLeases(ctx context.Context) (l *leases, notAvailable bool, err error) {
-	js, err := jetstream.New(b.nc)
+	// Renewals lost in a leader election must fail, not pile up.
+	js, err := jetstream.New(b.nc, jetstream.WithPublishAsyncTimeout(b.cfg.LeaseRenew))
 	if err != nil {
 		return nil, false, err
 	}
@@ -185,12 +205,12 @@ func (b *Bridge) setupLeases(ctx context.Context) (l *leases, notAvailable bool,
 		devices:   devices,
 		ttl:       b.cfg.LeaseTTL,
 		renew:     b.cfg.LeaseRenew,
-		margin:    min(b.cfg.LeaseTTL/4, b.cfg.LeaseRenew),
+		margin:    b.cfg.LeaseTTL / 4,
 		replicas:  map[string]*peer{},
 		owners:    map[string]*ownerView{},
 		held:      map[string]*heldLease{},
 		freeSince: map[string]time.Time{},
-		released:  make(chan string, len(devices)),
+		released:  make(chan handedOver, len(devices)),
 		drainCh:   make(chan chan struct{}),
 		releaseCh: make(chan chan struct{}),
 		stopCh:    make(chan struct{}),
@@ -272,18 +292,28 @@ func (l *leases) run() {
 				}
 			}
 		case <-tick.C:
+			if w != nil && l.synced && !l.noHeartbeat && time.Since(l.selfSeen) > 4*l.renew {
+				// Our own heartbeat has not come back: the watch is stuck.
+				l.log.Warn("leases: the bucket watch delivers nothing; watching again")
+				stopWatch(w)
+				w = nil
+			}
 			if w == nil {
 				w = l.watch(ctx)
 			}
 			l.endLingers()
 			if !l.gone {
 				l.renewAll(ctx)
+				l.releaseUnserved(ctx)
 			}
 			l.dirty = true
-		case d := <-l.released:
-			l.deleteLease(ctx, d)
+		case r := <-l.released:
+			if l.held[r.dev] == r.h { // not lost and taken again meanwhile
+				l.deleteLease(ctx, r.dev)
+			}
 		case ack := <-l.drainCh:
 			l.draining = true
+			l.deleteHeartbeat(ctx) // so that no device is placed here any more
 			close(ack)
 		case ack := <-l.releaseCh:
 			l.handovers.Wait()
@@ -295,9 +325,7 @@ func (l *leases) run() {
 			if !l.gone {
 				l.releaseAll(ctx)
 			}
-			if w != nil {
-				w.Stop()
-			}
+			stopWatch(w)
 			return
 		}
 		l.expire()
@@ -308,6 +336,8 @@ func (l *leases) run() {
 	}
 }
 
+// watch starts watching the bucket afresh: the view is rebuilt from its
+// contents.
 func (l *leases) watch(ctx context.Context) jetstream.KeyWatcher {
 	w, err := l.kv.WatchAll(ctx)
 	if err != nil {
@@ -315,7 +345,31 @@ func (l *leases) watch(ctx context.Context) jetstream.KeyWatcher {
 		return nil
 	}
 	l.synced = false
+	l.selfSeen = time.Now()
+	l.mu.Lock()
+	clear(l.replicas)
+	clear(l.owners)
+	l.mu.Unlock()
 	return w
+}
+
+// stopWatch stops a watcher, reading what it still delivers so that its
+// callback is not left blocked on a full channel.
+func stopWatch(w jetstream.KeyWatcher) {
+	if w == nil {
+		return
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for range w.Updates() { // closed once the subscription is
+		}
+	}()
+	w.Stop()
+	select {
+	case <-done:
+	case <-time.After(time.Second): // a closed connection may never close it
+	}
 }
 
 // apply updates the view with one entry from the watcher (nil marks the
@@ -352,6 +406,9 @@ func (l *leases) apply(e jetstream.KeyValueEntry) {
 			l.dirty = true
 		}
 		p.Replica, p.updated = r, now
+		if id == l.id {
+			l.selfSeen = now
+		}
 	case strings.HasPrefix(key, deviceKeyPrefix):
 		dev := key[len(deviceKeyPrefix):]
 		h := l.held[dev]
@@ -377,7 +434,7 @@ func (l *leases) apply(e jetstream.KeyValueEntry) {
 		}
 		l.owners[dev] = &ownerView{Lease: le, rev: e.Revision(), updated: now, since: since}
 		delete(l.freeSince, dev)
-		if h != nil && le.Owner != l.id {
+		if h != nil && le.Owner != l.id && e.Revision() > h.rev {
 			l.mu.Unlock()
 			l.lose(dev, "lease taken by "+le.Instance)
 			l.mu.Lock()
@@ -395,6 +452,24 @@ func (l *leases) othersAlive() bool {
 		}
 	}
 	return false
+}
+
+// releaseUnserved gives up leases on devices that this replica holds
+// but no longer serves (the timer closed them, or serving failed), so
+// that they are taken afresh rather than held by nobody.
+func (l *leases) releaseUnserved(ctx context.Context) {
+	if l.draining {
+		return
+	}
+	for _, dev := range slices.Sorted(maps.Keys(l.held)) {
+		if h := l.held[dev]; !h.releasing && !l.b.isServing(dev) {
+			l.log.Warn("leases: releasing a lease on a device no longer served here", "device", dev)
+			if h.closed.Load() {
+				l.b.metrics.leasesLost.Add(1) // the timer closed it
+			}
+			l.deleteLease(ctx, dev)
+		}
+	}
 }
 
 // endLingers removes the lingering endpoints of devices that another
@@ -419,6 +494,9 @@ func (l *leases) endLingers() {
 
 // heartbeat writes this replica's key, with the lease TTL.
 func (l *leases) heartbeat(ctx context.Context) {
+	if l.noHeartbeat {
+		return
+	}
 	doc := mustJSON(Replica{ID: l.id, Instance: l.b.instance, Started: float64(l.started.UnixNano()) / 1e9})
 	ctx, cancel := context.WithTimeout(ctx, l.wait())
 	defer cancel()
@@ -429,8 +507,10 @@ func (l *leases) heartbeat(ctx context.Context) {
 	}
 }
 
-// wait bounds each blocking call of the loop, so that it comes back to
-// expire well within the margin.
+// wait bounds the loop's calls to JetStream (renewals, takes, deletes;
+// not the creation of a watcher). The loop may still be held up, e.g.
+// closing a device; each lease's timer closes its device in time
+// regardless.
 func (l *leases) wait() time.Duration { return l.renew / 2 }
 
 func (l *leases) subject(key string) string { return "$KV." + l.bucket + "." + key }
@@ -446,14 +526,19 @@ func (l *leases) renewAll(ctx context.Context) {
 		f    jetstream.PubAckFuture
 	}
 	var ps []pending
-	hb := mustJSON(Replica{ID: l.id, Instance: l.b.instance, Started: float64(l.started.UnixNano()) / 1e9})
-	if f, err := l.js.PublishMsgAsync(&nats.Msg{Subject: l.subject(replicaKeyPrefix + l.id), Data: hb}, jetstream.WithMsgTTL(l.ttl)); err == nil {
-		ps = append(ps, pending{"", time.Now(), f})
-	} else {
-		l.b.metrics.leaseRenewFailures.Add(1)
+	if !l.noHeartbeat {
+		hb := mustJSON(Replica{ID: l.id, Instance: l.b.instance, Started: float64(l.started.UnixNano()) / 1e9})
+		if f, err := l.js.PublishMsgAsync(&nats.Msg{Subject: l.subject(replicaKeyPrefix + l.id), Data: hb}, jetstream.WithMsgTTL(l.ttl)); err == nil {
+			ps = append(ps, pending{"", time.Now(), f})
+		} else {
+			l.b.metrics.leaseRenewFailures.Add(1)
+		}
 	}
 	for _, dev := range slices.Sorted(maps.Keys(l.held)) {
 		h := l.held[dev]
+		if h.pending != nil {
+			continue // the last renewal is still unanswered: no second compare-and-set
+		}
 		sent := time.Now()
 		doc := l.leaseDoc(h.since)
 		f, err := l.js.PublishMsgAsync(&nats.Msg{Subject: l.subject(deviceKeyPrefix + dev), Data: doc},
@@ -462,29 +547,79 @@ func (l *leases) renewAll(ctx context.Context) {
 			l.b.metrics.leaseRenewFailures.Add(1)
 			continue
 		}
-		ps = append(ps, pending{dev, sent, f})
+		h.pending, h.pendAt = f, sent
 	}
-	for _, p := range ps {
+	for _, p := range ps { // the heartbeat
 		select {
-		case ack := <-p.f.Ok():
-			if h := l.held[p.dev]; h != nil {
-				h.rev, h.sent = ack.Sequence, p.sent
-				h.timer.Reset(time.Until(p.sent.Add(l.ttl - l.margin)))
-			}
+		case <-p.f.Ok():
 		case err := <-p.f.Err():
 			l.b.metrics.leaseRenewFailures.Add(1)
-			if p.dev == "" {
-				l.log.Warn("leases: heartbeat failed", "err", err)
-			} else if conflict(err) {
-				l.lose(p.dev, "lease renewal refused: another replica holds it")
-			} else {
-				l.log.Warn("leases: renewal failed", "device", p.dev, "err", err)
-			}
+			l.log.Warn("leases: heartbeat failed", "err", err)
 		case <-ctx.Done():
-			l.b.metrics.leaseRenewFailures.Add(1)
-			l.log.Warn("leases: renewal timed out", "device", p.dev) // "" is the heartbeat
 		}
 	}
+	l.collect(ctx)
+}
+
+// collect records the answers to renewals, waiting for them until ctx
+// ends. An answer that comes later is collected at the next tick (a
+// renewal unanswered for a whole TTL is abandoned). A refusal is checked
+// against the bucket before the lease is given up, since a renewal that
+// was stored but whose answer was lost (a reconnect) also moves the
+// revision on.
+func (l *leases) collect(ctx context.Context) {
+	for _, dev := range slices.Sorted(maps.Keys(l.held)) {
+		h := l.held[dev]
+		if h == nil || h.pending == nil {
+			continue
+		}
+		select {
+		case ack := <-h.pending.Ok():
+			l.renewed(dev, h, ack)
+		case err := <-h.pending.Err():
+			l.refused(dev, h, err)
+		case <-ctx.Done():
+			select { // an answer may be there as well
+			case ack := <-h.pending.Ok():
+				l.renewed(dev, h, ack)
+			case err := <-h.pending.Err():
+				l.refused(dev, h, err)
+			default:
+				if time.Since(h.pendAt) >= l.ttl {
+					h.pending = nil
+				}
+			}
+		}
+	}
+}
+
+func (l *leases) renewed(dev string, h *heldLease, ack *jetstream.PubAck) {
+	h.pending = nil
+	if h.closed.Load() || !h.timer.Stop() {
+		// The timer closed the device meanwhile: give the lease up.
+		l.lose(dev, "it could not be renewed in time")
+		return
+	}
+	h.rev, h.sent = ack.Sequence, h.pendAt
+	h.timer.Reset(time.Until(h.pendAt.Add(l.ttl - l.margin)))
+}
+
+func (l *leases) refused(dev string, h *heldLease, err error) {
+	h.pending = nil
+	l.b.metrics.leaseRenewFailures.Add(1)
+	if !conflict(err) {
+		l.log.Warn("leases: renewal failed", "device", dev, "err", err)
+		return
+	}
+	gctx, cancel := context.WithTimeout(context.Background(), l.wait())
+	e, gerr := l.kv.Get(gctx, deviceKeyPrefix+dev)
+	cancel()
+	var le Lease
+	if gerr == nil && json.Unmarshal(e.Value(), &le) == nil && le.Owner == l.id && le.Since == float64(h.since.UnixNano())/1e9 {
+		h.rev = e.Revision() // ours, written by a renewal whose answer was lost
+		return
+	}
+	l.lose(dev, "lease renewal refused: another replica holds it")
 }
 
 func (l *leases) leaseDoc(since time.Time) []byte {
@@ -513,6 +648,7 @@ func (l *leases) lose(dev, reason string) {
 	if h == nil {
 		return
 	}
+	h.done.Store(true)
 	h.timer.Stop()
 	delete(l.held, dev)
 	l.b.metrics.leasesLost.Add(1)
@@ -592,16 +728,19 @@ func (l *leases) reconcile(ctx context.Context) {
 	}
 	if len(got) > 0 {
 		l.log.Info("leases: took devices", "devices", strings.Join(got, ","))
-		l.b.serve(got)
+		for _, dev := range l.b.serve(got) {
+			l.deleteLease(ctx, dev) // cannot serve it: let another replica try
+		}
 	}
 	for _, dev := range give {
-		l.held[dev].releasing = true
+		h := l.held[dev]
+		h.releasing = true
 		l.log.Info("leases: handing a device over", "device", dev, "to", target[dev])
 		l.handovers.Add(1)
 		go func() {
 			defer l.handovers.Done()
 			l.b.unserve([]string{dev}, false, "handed over to another bridge replica")
-			l.released <- dev
+			l.released <- handedOver{dev, h}
 		}()
 	}
 }
@@ -613,14 +752,16 @@ func (l *leases) deleteLease(ctx context.Context, dev string) {
 	if h == nil {
 		return
 	}
+	h.done.Store(true)
 	h.timer.Stop()
 	delete(l.held, dev)
 	l.b.metrics.leasesHeld.Add(-1)
-	l.b.metrics.leasesReleased.Add(1)
 	ctx, cancel := context.WithTimeout(ctx, l.wait())
 	defer cancel()
 	if err := l.kv.Delete(ctx, deviceKeyPrefix+dev, jetstream.LastRevision(h.rev)); err != nil {
 		l.log.Warn("leases: could not release a device (it will expire)", "device", dev, "err", err)
+	} else if !h.closed.Load() {
+		l.b.metrics.leasesReleased.Add(1)
 	}
 	l.dirty = true
 }
@@ -629,6 +770,16 @@ func (l *leases) releaseAll(ctx context.Context) {
 	for _, dev := range slices.Sorted(maps.Keys(l.held)) {
 		l.deleteLease(ctx, dev)
 	}
+	l.deleteHeartbeat(ctx)
+}
+
+// deleteHeartbeat removes this replica's key: the others stop placing
+// devices here. Renewals write it no more.
+func (l *leases) deleteHeartbeat(ctx context.Context) {
+	if l.noHeartbeat {
+		return
+	}
+	l.noHeartbeat = true
 	dctx, cancel := context.WithTimeout(ctx, l.wait())
 	defer cancel()
 	if err := l.kv.Delete(dctx, replicaKeyPrefix+l.id); err != nil {

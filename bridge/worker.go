@@ -215,7 +215,7 @@ func (w *worker) statusRequest(m *nats.Msg) {
 
 func (w *worker) stopStatusRequests() {
 	if w.statSub != nil {
-		w.statSub.Unsubscribe()
+		w.statSub.Drain() // the requests already here are answered
 	}
 }
 
