@@ -367,8 +367,8 @@ func connectNATS(url string, cfg Config, log *slog.Logger, m *bridge.Metrics) (*
 		// A stuck server connection must not hold publishers (and a device
 		// whose lease is lost) for the default minute: give up writes after
 		// 5 s and notice a dead connection within about 30 s.
-		nats.FlusherTimeout(5*time.Second),
-		nats.PingInterval(10*time.Second),
+		nats.FlusherTimeout(5 * time.Second),
+		nats.PingInterval(10 * time.Second),
 		nats.MaxPingsOutstanding(3),
 		nats.ConnectHandler(func(*nats.Conn) { m.SetNATSConnected(true); log.Info("NATS connected") }),
 		nats.ReconnectHandler(func(*nats.Conn) { m.SetNATSConnected(true); log.Info("NATS reconnected") }),
