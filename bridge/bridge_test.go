@@ -461,7 +461,8 @@ func TestBridgeMicroService(t *testing.T) {
 	if err := json.Unmarshal(m.Data, &info); err != nil {
 		t.Fatal(err)
 	}
-	if len(info.Endpoints) != 1 || info.Endpoints[0].Subject != "katcp.m000.req.*" || info.Endpoints[0].Metadata["address"] != f.dev.Addr() {
+	if len(info.Endpoints) != 1 || info.Endpoints[0].Subject != "katcp.m000.req.*" || info.Endpoints[0].Metadata["address"] != f.dev.Addr() ||
+		info.Endpoints[0].Metadata["owner"] == "" || info.Metadata["replica"] == "" || info.Metadata["leases"] != "false" {
 		t.Errorf("info %+v", info)
 	}
 	m, err = f.nc.Request("$SRV.STATS.katcp-bridge", nil, 5*time.Second)

@@ -2,6 +2,7 @@ package bridge_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/micro"
 
 	"github.com/katcp-go/katcp-bridge/bridge"
 	"github.com/katcp-go/katcp-bridge/bridge/natsclient"
@@ -140,6 +142,42 @@ func TestLeasesSpreadFailoverAndHandOver(t *testing.T) {
 		}
 		return true
 	})
+	// $SRV.INFO: one service per replica, its endpoints the devices it serves.
+	inbox := nats.NewInbox()
+	sub, err := rs.nconns[0].SubscribeSync(inbox)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs.nconns[0].PublishRequest("$SRV.INFO.katcp-bridge", inbox, nil)
+	endpoints := map[string]string{}
+	for range 3 {
+		m, err := sub.NextMsg(5 * time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var info micro.Info
+		if err := json.Unmarshal(m.Data, &info); err != nil {
+			t.Fatal(err)
+		}
+		if info.Metadata["leases"] != "true" || info.Metadata["replica"] == "" {
+			t.Errorf("service metadata %v", info.Metadata)
+		}
+		for _, e := range info.Endpoints {
+			if prev, dup := endpoints[e.Name]; dup {
+				t.Errorf("device %s has endpoints on %s and %s", e.Name, prev, info.Metadata["instance"])
+			}
+			endpoints[e.Name] = e.Metadata["owner"]
+		}
+	}
+	sub.Unsubscribe()
+	for dev, inst := range endpoints {
+		if m := rs.owners(0, 1, 2); len(m[dev]) != 1 || fmt.Sprintf("r%d", m[dev][0]) != inst {
+			t.Errorf("$SRV.INFO says %s serves %s", inst, dev)
+		}
+	}
+	if len(endpoints) != 12 {
+		t.Errorf("$SRV.INFO lists %d devices, want 12", len(endpoints))
+	}
 	if st, err := c.Status(ctxFor(t), "d00"); err != nil || !st.Leases || st.Owner == "" {
 		t.Errorf("status with leases: %+v, %v", st, err)
 	}
