@@ -108,8 +108,9 @@
 //     was lost in a reconnect is still ours);
 //   - gives up a lease on a device it no longer serves (closed by the
 //     timer, or failing to start), so that the device is taken afresh;
-//   - hands a device over when it holds more than its share and the
-//     device is placed on a replica alive for at least a TTL: it stops
+//   - hands a device over when it holds more than its share, has held the
+//     device for two TTLs and the device is placed on a replica alive for
+//     at least a TTL: it stops
 //     serving (requests in flight finish), closes the connection, then
 //     deletes the lease with compare-and-set; the new owner sees the
 //     delete and takes the device at once;

@@ -700,8 +700,11 @@ func (l *leases) reconcile(ctx context.Context) {
 		if keep <= fair {
 			break
 		}
-		t := target[dev]
-		if p := l.replicas[t]; t != l.id && !l.held[dev].releasing && p != nil && now.Sub(p.seen) >= l.ttl {
+		// Hand over only to a replica alive for a TTL, and only a device
+		// held for two: replicas whose views differ for a moment do not
+		// pass devices back and forth.
+		t, h := target[dev], l.held[dev]
+		if p := l.replicas[t]; t != l.id && !h.releasing && p != nil && now.Sub(p.seen) >= l.ttl && now.Sub(h.since) >= 2*l.ttl {
 			give = append(give, dev)
 			keep--
 		}

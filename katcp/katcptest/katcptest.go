@@ -215,7 +215,9 @@ func (d *Device) Restart() {
 func (d *Device) Close() { d.Stop() }
 
 // PeakClients returns the most clients that were connected at once since
-// the device started (a connection counts until the server closes it).
+// the device started. A connection counts until its client closes it
+// (on Linux; elsewhere until the server closes it), so that a client
+// that closes and one that connects right after never count twice.
 func (d *Device) PeakClients() int {
 	d.mu.Lock()
 	ln := d.ln
@@ -242,7 +244,13 @@ func (l *trackingListener) Accept() (net.Conn, error) {
 	defer l.mu.Unlock()
 	tc := &trackedConn{Conn: c, l: l}
 	l.conns[tc] = struct{}{}
-	l.peak = max(l.peak, len(l.conns))
+	open := 0
+	for o := range l.conns {
+		if o == net.Conn(tc) || !peerClosed(o.(*trackedConn).Conn) {
+			open++
+		}
+	}
+	l.peak = max(l.peak, open)
 	return tc, nil
 }
 
