@@ -2,11 +2,14 @@ package bridge
 
 import (
 	"context"
+	"net"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/katcp-go/katcp-bridge/katcp"
 	"github.com/katcp-go/katcp-bridge/katcp/katcptest"
@@ -83,5 +86,150 @@ func TestShutdownAfterFailedStart(t *testing.T) {
 	}
 	if err := b.Shutdown(context.Background()); err != nil {
 		t.Errorf("Shutdown after a failed Start: %v", err)
+	}
+}
+
+// stallProxy forwards TCP connections to target; while held, it keeps
+// what the clients send (a NATS connection that stalls without
+// breaking).
+type stallProxy struct {
+	ln     net.Listener
+	target string
+	mu     sync.Mutex
+	cond   *sync.Cond
+	held   bool
+	conns  []net.Conn
+	wg     sync.WaitGroup
+}
+
+func newStallProxy(t *testing.T, target string) *stallProxy {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &stallProxy{ln: ln, target: target}
+	p.cond = sync.NewCond(&p.mu)
+	p.wg.Add(1)
+	go p.accept()
+	t.Cleanup(func() {
+		ln.Close()
+		p.hold(false)
+		p.mu.Lock()
+		for _, c := range p.conns {
+			c.Close()
+		}
+		p.mu.Unlock()
+		p.wg.Wait()
+	})
+	return p
+}
+
+func (p *stallProxy) accept() {
+	defer p.wg.Done()
+	for {
+		c, err := p.ln.Accept()
+		if err != nil {
+			return
+		}
+		s, err := net.Dial("tcp", p.target)
+		if err != nil {
+			c.Close()
+			continue
+		}
+		p.mu.Lock()
+		p.conns = append(p.conns, c, s)
+		p.mu.Unlock()
+		p.wg.Add(2)
+		go p.pipe(c, s, true)
+		go p.pipe(s, c, false)
+	}
+}
+
+func (p *stallProxy) pipe(from, to net.Conn, holdable bool) {
+	defer p.wg.Done()
+	defer to.Close()
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := from.Read(buf)
+		if n > 0 && holdable {
+			p.mu.Lock()
+			for p.held {
+				p.cond.Wait()
+			}
+			p.mu.Unlock()
+		}
+		if n > 0 {
+			if _, werr := to.Write(buf[:n]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+func (p *stallProxy) hold(on bool) {
+	p.mu.Lock()
+	p.held = on
+	p.mu.Unlock()
+	p.cond.Broadcast()
+}
+
+// A NATS connection that stalls for longer than a renewal may take, but
+// less than the lease's margin, loses nothing: the late answers count,
+// and no second compare-and-set races the first.
+func TestLeasesSurviveAStall(t *testing.T) {
+	ns := jetStreamServer(t)
+	proxy := newStallProxy(t, ns.Addr().String())
+	dev := katcptest.NewDevice(t, katcp.ServerConfig{})
+	nc, err := nats.Connect("nats://" + proxy.ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	b, err := New(nc, Config{Devices: []Device{{Name: "d0", Address: dev.Addr()}}, Leases: LeasesOn,
+		LeaseTTL: 4 * time.Second, LeaseRenew: 400 * time.Millisecond, NoLastValues: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer b.Shutdown(context.Background())
+	poll(t, "d0 served", func() bool { return len(b.Serving()) == 1 && dev.Clients() == 1 })
+
+	// A second connection, not through the proxy, reads the lease.
+	watch, err := nats.Connect(ns.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer watch.Close()
+	js, _ := jetstream.New(watch)
+	kv, err := js.KeyValue(context.Background(), DefaultLeaseBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rev := func() uint64 {
+		e, err := kv.Get(context.Background(), "device.d0")
+		if err != nil {
+			return 0
+		}
+		return e.Revision()
+	}
+
+	failures := func() uint64 { return b.metrics.leaseRenewFailures.Load() }
+	before := failures()
+	proxy.hold(true)
+	// Two rounds: a second compare-and-set must not race the first.
+	poll(t, "two renewal rounds to time out", func() bool { return failures() >= before+2 })
+	stalled := rev()
+	proxy.hold(false)
+	poll(t, "renewals to go on after the stall", func() bool { return rev() > stalled+2 })
+	if _, _, lost, _ := b.Metrics().Leases(); lost != 0 {
+		t.Errorf("%d leases lost to a short stall", lost)
+	}
+	if len(b.Serving()) != 1 || dev.Clients() != 1 || dev.PeakClients() != 1 {
+		t.Errorf("after the stall: serving %v, %d clients (peak %d)", b.Serving(), dev.Clients(), dev.PeakClients())
 	}
 }
