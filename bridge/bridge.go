@@ -405,7 +405,9 @@ func (b *Bridge) Owners() Owners {
 	if l := b.currentLeases(); l != nil {
 		return l.snapshot()
 	}
-	o := Owners{AnsweredBy: b.instance, Replicas: []Replica{{ID: b.id, Instance: b.instance}}, Devices: []DeviceOwner{}}
+	// Without leases; or with leases on, while the bucket cannot be used
+	// yet (nothing is served then).
+	o := Owners{Leases: b.cfg.Leases == LeasesOn, AnsweredBy: b.instance, Replicas: []Replica{{ID: b.id, Instance: b.instance}}, Devices: []DeviceOwner{}}
 	served := *b.served.Load()
 	for _, name := range slices.Sorted(maps.Keys(b.devices)) {
 		d := DeviceOwner{Device: name}

@@ -129,8 +129,15 @@
 // request already routed to the old owner's server when it unsubscribes
 // then goes to the new owner instead of being lost. A graceful hand-over
 // lets requests in flight finish for at most a TTL, then cancels them
-// (they get the not-served error). Without JetStream (Leases auto) or with Leases off
-// a bridge serves every configured device: run one replica only.
+// (they get the not-served error).
+//
+// Every replica should be configured with the same devices: placement is
+// computed over each replica's own list, so while the lists differ (a
+// rolling update that adds devices) replicas may disagree about where a
+// device belongs and move it more than needed (never to two owners).
+//
+// Without JetStream (Leases auto) or with Leases off a bridge serves every
+// configured device: run one replica only.
 //
 // # Tracing
 //
