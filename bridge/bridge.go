@@ -68,7 +68,46 @@ type Bridge struct {
 	setupDone  chan struct{}
 
 	trackMu  sync.Mutex     // orders inflight.Add before Shutdown's Wait
-	inflight sync.WaitGroup // request goroutines
+	inflight sync.WaitGroup // requests being handled
+
+	work     chan func()    // to idle request runners
+	runners  sync.WaitGroup // request runners
+	quitRuns chan struct{}  // closed at the end of Shutdown: runners exit
+}
+
+// runnerIdle is how long a request runner waits for another request.
+const runnerIdle = 2 * time.Second
+
+// run runs a request on an idle runner, or on a new one. Runners wait a
+// while for the next request before they exit, so that a request starts
+// on a stack an earlier one has grown (a new goroutine's stack is grown,
+// by copying, two or three times per request, more with tracing on),
+// and idle bridges keep no goroutines.
+func (b *Bridge) run(f func()) {
+	select {
+	case b.work <- f:
+	default:
+		b.runners.Add(1)
+		go b.runLoop(f)
+	}
+}
+
+func (b *Bridge) runLoop(f func()) {
+	defer b.runners.Done()
+	f()
+	idle := time.NewTimer(runnerIdle)
+	defer idle.Stop()
+	for {
+		select {
+		case f := <-b.work:
+			f()
+			idle.Reset(runnerIdle)
+		case <-idle.C:
+			return
+		case <-b.quitRuns:
+			return
+		}
+	}
 }
 
 // stopper is a worker being stopped; done closes when it has.
@@ -120,6 +159,8 @@ func New(nc *nats.Conn, cfg Config) (*Bridge, error) {
 		stopping:   make(map[string]*stopper),
 		stopLeases: make(chan struct{}),
 		setupDone:  make(chan struct{}),
+		work:       make(chan func()),
+		quitRuns:   make(chan struct{}),
 	}
 	b.served.Store(&map[string]*worker{})
 	for _, d := range c.Devices {
@@ -541,6 +582,8 @@ func (b *Bridge) Shutdown(ctx context.Context) error {
 	if svc != nil {
 		svc.Stop()
 	}
+	close(b.quitRuns) // no request runs any more: every one was waited for
+	b.runners.Wait()
 	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
 	if ferr := b.nc.FlushWithContext(fctx); ferr != nil && err == nil && !errors.Is(ferr, nats.ErrConnectionClosed) {

@@ -340,13 +340,13 @@ func (w *worker) handle(req micro.Request) {
 		return
 	}
 	b.metrics.inFlight.Add(1)
-	go func() {
+	b.run(func() {
 		defer w.reqWG.Done()
 		defer b.inflight.Done()
 		defer b.metrics.inFlight.Add(-1)
 		defer func() { <-w.sem }()
 		w.serve(req)
-	}()
+	})
 }
 
 func (w *worker) serve(req micro.Request) {

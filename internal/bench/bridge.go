@@ -18,6 +18,7 @@ import (
 	"github.com/nats-io/nats.go"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/embedded"
 	"go.opentelemetry.io/otel/trace/noop"
 
 	"github.com/katcp-go/katcp-bridge/bridge"
@@ -222,86 +223,111 @@ func BridgeRows(o Options) ([]Row, error) {
 	var rows []Row
 	tpOn, stopTracing := alwaysOn()
 	defer stopTracing()
-	results := map[string][2]float64{} // row -> [off, on], each ours/baseline
+	// One bridge, its tracing switched on and off: the comparison below
+	// alternates the two on the same bridge, devices and connections.
+	sw := &switchTP{sdk: tpOn, off: noop.NewTracerProvider()}
+	bb, err := startBridge(url, 10, 1, sw)
+	if err != nil {
+		return nil, err
+	}
+	defer bb.close()
+	var tenSubjects [10]string
+	for i := range tenSubjects {
+		tenSubjects[i] = fmt.Sprintf("katcp.d%03d.req.echo", i)
+	}
+	var delivered float64
+	ours := map[string]func() (float64, error){
+		"one": func() (float64, error) {
+			return natsRequests(url, "", o.Duration, 1, func(int) string { return "katcp.d000.req.echo" })
+		},
+		"inflight": func() (float64, error) {
+			// No formatting per request: the baseline does none.
+			return natsRequests(url, "", o.Duration, 100, func(i int) string { return tenSubjects[i%10] })
+		},
+		"sensors": func() (float64, error) { return bridgeSensorRate(url, bb, o.Duration, &delivered) },
+	}
 	for _, traced := range []bool{false, true} {
 		if (o.Tracing == "on" && !traced) || (o.Tracing == "off" && traced) {
 			continue
 		}
-		var tp trace.TracerProvider = noop.NewTracerProvider()
+		sw.on.Store(traced)
 		label := "tracing off"
 		if traced {
-			tp, label = tpOn, "tracing on"
-		}
-		bb, err := startBridge(url, 10, 1, tp)
-		if err != nil {
-			return nil, err
+			label = "tracing on"
 		}
 		if o.wants("one") {
-			one := func(i int) string { return "katcp.d000.req.echo" }
 			b, u, spread, err := o.pair(
 				func() (float64, error) { return natsRequests(url, "ideal.req", o.Duration, 1, nil) },
-				func() (float64, error) { return natsRequests(url, "", o.Duration, 1, one) })
+				ours["one"])
 			if err != nil {
-				bb.close()
 				return nil, err
 			}
 			// Round-trip time ratio: ours over the ideal bridge's.
 			rows = append(rows, Row{Name: "bridge: one request at a time (" + label + ")", Baseline: "ideal bridge", Base: b, Ours: u, Unit: "req/s", Ratio: b / u, Target: 1.15, Spread: spread + " (ratio = round trip ours/ideal)"})
-			r := results["one"]
-			r[boolIndex(traced)] = u / b // against this run's baseline: the two are measured minutes apart
-			results["one"] = r
 		}
-
 		if o.wants("inflight") {
-			var tenSubjects [10]string
-			for i := range tenSubjects {
-				tenSubjects[i] = fmt.Sprintf("katcp.d%03d.req.echo", i)
-			}
-			ten := func(i int) string { return tenSubjects[i%10] } // no formatting per request: the baseline does none
 			b, u, spread, err := o.pair(
 				func() (float64, error) { return natsRequests(url, "raw.req", o.Duration, 100, nil) },
-				func() (float64, error) { return natsRequests(url, "", o.Duration, 100, ten) })
+				ours["inflight"])
 			if err != nil {
-				bb.close()
 				return nil, err
 			}
 			rows = append(rows, Row{Name: "bridge: 100 in flight over 10 devices (" + label + ")", Baseline: "raw NATS 100 in flight", Base: b, Ours: u, Unit: "req/s", Ratio: u / b, Target: 0.7, Higher: true, Spread: spread})
-			r := results["inflight"]
-			r[boolIndex(traced)] = u / b // against this run's baseline: the two are measured minutes apart
-			results["inflight"] = r
 		}
-
 		if o.wants("sensors") {
-			var delivered float64
 			b, u, spread, err := o.pair(
 				func() (float64, error) { return rawPublishRate(url, o.Duration) },
-				func() (float64, error) { return bridgeSensorRate(url, bb, o.Duration, &delivered) })
+				ours["sensors"])
 			if err != nil {
-				bb.close()
 				return nil, err
 			}
 			rows = append(rows, Row{Name: "bridge: sensor updates device -> NATS subscriber (" + label + ")", Baseline: "raw NATS publish", Base: b, Ours: u, Unit: "updates/s", Ratio: u / b, Target: 0.5, Higher: true, Spread: spread + fmt.Sprintf(" (last run delivered %.0f%% of the updates set)", 100*delivered)})
-			r := results["sensors"]
-			r[boolIndex(traced)] = u / b // against this run's baseline: the two are measured minutes apart
-			results["sensors"] = r
 		}
-		bb.close()
 	}
+	if o.Tracing != "both" && o.Tracing != "" {
+		return rows, nil
+	}
+	// Tracing's cost: ours with tracing off and on, alternately.
 	for _, k := range []string{"one", "inflight", "sensors"} {
-		off, on := results[k][0], results[k][1]
-		if off == 0 || on == 0 {
+		if !o.wants(k) {
 			continue
 		}
-		rows = append(rows, Row{Name: "tracing on vs off: " + k, Baseline: "tracing off", Base: off, Ours: on, Unit: "x base", Ratio: off/on - 1, Target: 0.10})
+		f := ours[k]
+		off, on, spread, err := o.pair(
+			func() (float64, error) { sw.on.Store(false); return f() },
+			func() (float64, error) { sw.on.Store(true); return f() })
+		if err != nil {
+			return nil, err
+		}
+		rows = append(rows, Row{Name: "tracing on vs off: " + k, Baseline: "tracing off", Base: off, Ours: on, Unit: "rate", Ratio: off/on - 1, Target: 0.10, Spread: spread + " (ratio = slowdown, measured alternately)"})
 	}
 	return rows, nil
 }
 
-func boolIndex(b bool) int {
-	if b {
-		return 1
+// switchTP is a tracer provider whose tracers use the SDK or do nothing,
+// as on says, so that one bridge can be measured both ways.
+type switchTP struct {
+	embedded.TracerProvider
+	on  atomic.Bool
+	sdk trace.TracerProvider
+	off trace.TracerProvider
+}
+
+func (s *switchTP) Tracer(name string, opts ...trace.TracerOption) trace.Tracer {
+	return &switchTracer{s: s, on: s.sdk.Tracer(name, opts...), off: s.off.Tracer(name, opts...)}
+}
+
+type switchTracer struct {
+	embedded.Tracer
+	s       *switchTP
+	on, off trace.Tracer
+}
+
+func (t *switchTracer) Start(ctx context.Context, name string, opts ...trace.SpanStartOption) (context.Context, trace.Span) {
+	if t.s.on.Load() {
+		return t.on.Start(ctx, name, opts...)
 	}
-	return 0
+	return t.off.Start(ctx, name, opts...)
 }
 
 // bridgeSensorRate sets one sensor of device 0 flat out and counts the
