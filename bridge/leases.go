@@ -226,22 +226,18 @@ func (l *leases) start() {
 
 // drain stops taking and handing over devices; it returns once the loop
 // has seen it.
-func (l *leases) drain() {
-	ack := make(chan struct{})
-	select {
-	case l.drainCh <- ack:
-		<-ack
-	case <-l.done:
-	}
-}
+func (l *leases) drain() { l.ask(l.drainCh) }
 
 // release gives up every lease and the heartbeat (the devices must no
 // longer be served); the loop goes on watching the bucket, so that
 // lingering endpoints end as other replicas take the devices.
-func (l *leases) release() {
+func (l *leases) release() { l.ask(l.releaseCh) }
+
+// ask sends a request to the loop and waits until it is done.
+func (l *leases) ask(ch chan chan struct{}) {
 	ack := make(chan struct{})
 	select {
-	case l.releaseCh <- ack:
+	case ch <- ack:
 		<-ack
 	case <-l.done:
 	}

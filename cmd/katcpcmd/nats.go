@@ -36,19 +36,28 @@ func natsTarget(addr string) (server, device string, ok bool, err error) {
 	return u.String(), device, true, nil
 }
 
-// runNATS is run's counterpart for a device behind katcp-bridge.
-func runNATS(ctx context.Context, o options, server, device string, p *printer, stderr io.Writer) int {
+// dialBridge connects to NATS at server for the bridge's client.
+func dialBridge(o options, server string) (*natsclient.Client, func(), error) {
 	nc, err := nats.Connect(server, nats.Name("katcpcmd"), nats.Timeout(o.connectTimeout))
 	if err != nil {
-		fmt.Fprintf(stderr, "katcpcmd: connecting to %s: %v\n", server, err)
-		return 1
+		return nil, nil, fmt.Errorf("connecting to %s: %w", server, err)
 	}
-	defer nc.Close()
 	c, err := natsclient.New(nc, natsclient.Options{Prefix: o.prefix})
+	if err != nil {
+		nc.Close()
+		return nil, nil, err
+	}
+	return c, nc.Close, nil
+}
+
+// runNATS is run's counterpart for a device behind katcp-bridge.
+func runNATS(ctx context.Context, o options, server, device string, p *printer, stderr io.Writer) int {
+	c, closeNATS, err := dialBridge(o, server)
 	if err != nil {
 		fmt.Fprintf(stderr, "katcpcmd: %v\n", err)
 		return 1
 	}
+	defer closeNATS()
 	// Asynchronous informs, as they arrive.
 	sub, err := c.SubscribeInforms(device, "*", func(_ context.Context, _ string, m katcp.Message) { p.print(&m) })
 	if err != nil {
@@ -155,17 +164,12 @@ func owners(ctx context.Context, o options, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "katcpcmd: --owners needs a NATS address nats://host:port, not %q\n", o.addr)
 		return 1
 	}
-	nc, err := nats.Connect(o.addr, nats.Name("katcpcmd"), nats.Timeout(o.connectTimeout))
-	if err != nil {
-		fmt.Fprintf(stderr, "katcpcmd: connecting to %s: %v\n", o.addr, err)
-		return 1
-	}
-	defer nc.Close()
-	c, err := natsclient.New(nc, natsclient.Options{Prefix: o.prefix})
+	c, closeNATS, err := dialBridge(o, o.addr)
 	if err != nil {
 		fmt.Fprintf(stderr, "katcpcmd: %v\n", err)
 		return 1
 	}
+	defer closeNATS()
 	ctx, cancel := context.WithTimeout(ctx, o.requestTimeout)
 	defer cancel()
 	ow, err := c.Owners(ctx)
