@@ -163,6 +163,14 @@ func New(nc *nats.Conn, cfg Config) (*Bridge, error) {
 		quitRuns:   make(chan struct{}),
 	}
 	b.served.Store(&map[string]*worker{})
+	live := func() uint64 {
+		var n uint64
+		for _, w := range *b.served.Load() {
+			n += w.client.Stats().DroppedInforms
+		}
+		return n
+	}
+	b.metrics.liveQueueDrops.Store(&live)
 	for _, d := range c.Devices {
 		if _, err := newWorker(b, d); err != nil {
 			return nil, err

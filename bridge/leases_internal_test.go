@@ -3,6 +3,7 @@ package bridge
 import (
 	"context"
 	"net"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -231,5 +232,46 @@ func TestLeasesSurviveAStall(t *testing.T) {
 	}
 	if len(b.Serving()) != 1 || dev.Clients() != 1 || dev.PeakClients() != 1 {
 		t.Errorf("after the stall: serving %v, %d clients (peak %d)", b.Serving(), dev.Clients(), dev.PeakClients())
+	}
+}
+
+// Updates a device sends faster than the bridge publishes them are
+// dropped from the client's queue, and counted.
+func TestQueueDropsCounted(t *testing.T) {
+	ns := jetStreamServer(t)
+	dev := katcptest.NewDevice(t, katcp.ServerConfig{})
+	s := dev.AddSensor(katcp.SensorInteger, "fast", katcp.SensorOptions{})
+	nc, err := nats.Connect(ns.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	b, err := New(nc, Config{Devices: []Device{{Name: "d0", Address: dev.Addr()}}, Leases: LeasesOff, NoLastValues: true,
+		Client: katcp.ClientConfig{InformQueue: 1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer b.Shutdown(context.Background())
+	poll(t, "the sensor subscribed", func() bool { return b.Metrics().SensorUpdates() > 0 })
+	i := 0
+	poll(t, "updates dropped and counted", func() bool {
+		for range 1000 {
+			i++
+			s.Set(int64(i))
+		}
+		return b.Metrics().QueueDrops() > 0
+	})
+	var sb strings.Builder
+	b.Metrics().WritePrometheus(&sb)
+	if !strings.Contains(sb.String(), "katcp_bridge_inform_queue_drops_total ") || strings.Contains(sb.String(), "katcp_bridge_inform_queue_drops_total 0\n") {
+		t.Errorf("metrics lack the drops: %s", sb.String())
+	}
+	before := b.Metrics().QueueDrops()
+	b.Shutdown(context.Background())
+	if after := b.Metrics().QueueDrops(); after < before {
+		t.Errorf("drops went from %d to %d when the worker stopped", before, after)
 	}
 }

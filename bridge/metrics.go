@@ -21,6 +21,9 @@ type Metrics struct {
 	natsConnected    atomic.Int64
 	inFlight         atomic.Int64
 
+	queueDrops     atomic.Uint64                // by the clients of stopped workers
+	liveQueueDrops atomic.Pointer[func() uint64] // by the clients of running workers
+
 	leasesHeld         atomic.Int64
 	leasesAcquired     atomic.Uint64
 	leasesLost         atomic.Uint64
@@ -90,6 +93,16 @@ func (m *Metrics) Leases() (held int64, acquired, lost, released uint64) {
 	return m.leasesHeld.Load(), m.leasesAcquired.Load(), m.leasesLost.Load(), m.leasesReleased.Load()
 }
 
+// QueueDrops returns how many informs and sensor updates were dropped
+// because a device sent them faster than the bridge could publish them.
+func (m *Metrics) QueueDrops() uint64 {
+	n := m.queueDrops.Load()
+	if f := m.liveQueueDrops.Load(); f != nil {
+		n += (*f)()
+	}
+	return n
+}
+
 // Informs returns how many informs were published.
 func (m *Metrics) Informs() uint64 { return m.informs.Load() }
 
@@ -106,6 +119,7 @@ func (m *Metrics) WritePrometheus(w io.Writer) {
 	counter("katcp_bridge_informs_published_total", "Asynchronous informs published to NATS.", m.informs.Load())
 	counter("katcp_bridge_sensor_updates_published_total", "Sensor updates published to NATS.", m.sensorUpdates.Load())
 	counter("katcp_bridge_drops_total", "Informs or updates dropped (queues full, publish errors).", m.drops.Load())
+	counter("katcp_bridge_inform_queue_drops_total", "Informs and sensor updates a device sent faster than the bridge could publish them (dropped from the KATCP client's queue).", m.QueueDrops())
 	gauge("katcp_bridge_nats_connected", "1 when the NATS connection is up.", m.natsConnected.Load())
 	gauge("katcp_bridge_requests_in_flight", "Requests being handled.", m.inFlight.Load())
 	gauge("katcp_bridge_leases_held", "Device leases this replica holds.", m.leasesHeld.Load())

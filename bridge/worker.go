@@ -256,6 +256,7 @@ func (w *worker) stop(reason string) {
 	}
 	if w.client != nil {
 		w.client.Close()
+		w.b.metrics.queueDrops.Add(w.client.Stats().DroppedInforms)
 	}
 	w.stopStatusRequests()
 	w.mu.Lock()
