@@ -21,7 +21,7 @@ type Metrics struct {
 	natsConnected    atomic.Int64
 	inFlight         atomic.Int64
 
-	queueDrops     atomic.Uint64                // by the clients of stopped workers
+	queueDrops     atomic.Uint64                 // by the clients of stopped workers
 	liveQueueDrops atomic.Pointer[func() uint64] // by the clients of running workers
 
 	leasesHeld         atomic.Int64
