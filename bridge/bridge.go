@@ -336,7 +336,7 @@ func (b *Bridge) unserve(names []string, force bool, reason string) {
 			b.stopping[n] = st
 			stops = append(stops, st)
 		} else if st := b.stopping[n]; st != nil && force {
-			st.w.cancelRequests() // a gentler stop is under way: hurry it
+			st.w.abort() // a gentler stop is under way: close the device now
 		}
 	}
 	b.publishServedLocked()
@@ -350,9 +350,9 @@ func (b *Bridge) unserve(names []string, force bool, reason string) {
 // at most a lease TTL) or are cancelled at once when force is set.
 func (b *Bridge) finish(st *stopper, force bool, reason string) {
 	if force {
-		st.w.cancelRequests()
+		st.w.abort() // the socket closes first: no waiting on NATS before
 	}
-	t := time.AfterFunc(b.cfg.LeaseTTL, st.w.cancelRequests)
+	t := time.AfterFunc(b.cfg.LeaseTTL, st.w.abort)
 	st.w.waitRequests()
 	t.Stop()
 	st.w.stop(reason)
@@ -381,11 +381,29 @@ func (b *Bridge) endLinger(names []string, older time.Duration) {
 	}
 }
 
-// isServing reports whether a worker serves the device.
-func (b *Bridge) isServing(dev string) bool {
+// busy reports whether a worker serves the device or is still closing
+// it: its lease must not go yet.
+func (b *Bridge) busy(dev string) bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return b.workers[dev] != nil
+	return b.workers[dev] != nil || b.stopping[dev] != nil
+}
+
+// waitStoppers waits until no worker is closing.
+func (b *Bridge) waitStoppers() {
+	for {
+		b.mu.Lock()
+		var done chan struct{}
+		for _, st := range b.stopping {
+			done = st.done
+			break
+		}
+		b.mu.Unlock()
+		if done == nil {
+			return
+		}
+		<-done
+	}
 }
 
 // lingeringDevices returns the devices whose endpoints linger.
@@ -558,8 +576,10 @@ func (b *Bridge) Shutdown(ctx context.Context) error {
 		close(st.done)
 	}
 	if l != nil {
-		// The connections are closed: the leases may go. Wait (at most a
+		// The connections are closed (also those a lost lease or a
+		// hand-over was closing): the leases may go. Wait (at most a
 		// lease TTL) for the other replicas, if any, to serve the devices.
+		b.waitStoppers()
 		l.release()
 		if !l.othersAlive() {
 			b.mu.Lock()

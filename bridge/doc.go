@@ -107,7 +107,10 @@
 //     checked against the bucket first (a stored renewal whose answer
 //     was lost in a reconnect is still ours);
 //   - gives up a lease on a device it no longer serves (closed by the
-//     timer, or failing to start), so that the device is taken afresh;
+//     timer, or failing to start), so that the device is taken afresh,
+//     but only once its worker has closed the connection; it takes no
+//     device whose previous worker is still closing. A forced stop (lost
+//     lease) closes the connection first and waits for nothing before;
 //   - hands a device over when it holds more than its share, has held the
 //     device for two TTLs and the device is placed on a replica alive for
 //     at least a TTL: it stops

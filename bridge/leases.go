@@ -85,6 +85,7 @@ type leases struct {
 	started     time.Time
 	synced      bool      // the watcher has delivered the bucket's contents
 	selfSeen    time.Time // our heartbeat last came back through the watch
+	hbAcked     time.Time // our heartbeat was last stored
 	dirty       bool      // something changed that may call for taking devices
 	draining    bool
 	gone        bool // released everything: renews nothing, only watches
@@ -288,8 +289,9 @@ func (l *leases) run() {
 				}
 			}
 		case <-tick.C:
-			if w != nil && l.synced && !l.noHeartbeat && time.Since(l.selfSeen) > 4*l.renew {
-				// Our own heartbeat has not come back: the watch is stuck.
+			if w != nil && l.synced && !l.noHeartbeat && l.hbAcked.Sub(l.selfSeen) > 2*l.renew {
+				// Heartbeats stored for two renew intervals have not come
+				// back: the watch is stuck.
 				l.log.Warn("leases: the bucket watch delivers nothing; watching again")
 				stopWatch(w)
 				w = nil
@@ -304,7 +306,9 @@ func (l *leases) run() {
 			}
 			l.dirty = true
 		case r := <-l.released:
-			if l.held[r.dev] == r.h { // not lost and taken again meanwhile
+			// Not lost and taken again meanwhile, and closed (else a later
+			// tick releases it: releaseUnserved).
+			if l.held[r.dev] == r.h && !l.b.busy(r.dev) {
 				l.deleteLease(ctx, r.dev)
 			}
 		case ack := <-l.drainCh:
@@ -458,10 +462,12 @@ func (l *leases) releaseUnserved(ctx context.Context) {
 		return
 	}
 	for _, dev := range slices.Sorted(maps.Keys(l.held)) {
-		if h := l.held[dev]; !h.releasing && !l.b.isServing(dev) {
-			l.log.Warn("leases: releasing a lease on a device no longer served here", "device", dev)
+		if h := l.held[dev]; !l.b.busy(dev) {
 			if h.closed.Load() {
 				l.b.metrics.leasesLost.Add(1) // the timer closed it
+			}
+			if !h.releasing {
+				l.log.Warn("leases: releasing a lease on a device no longer served here", "device", dev)
 			}
 			l.deleteLease(ctx, dev)
 		}
@@ -532,8 +538,8 @@ func (l *leases) renewAll(ctx context.Context) {
 	}
 	for _, dev := range slices.Sorted(maps.Keys(l.held)) {
 		h := l.held[dev]
-		if h.pending != nil {
-			continue // the last renewal is still unanswered: no second compare-and-set
+		if h.pending != nil || h.closed.Load() {
+			continue // unanswered: no second compare-and-set; closed: released once it is
 		}
 		sent := time.Now()
 		doc := l.leaseDoc(h.since)
@@ -548,6 +554,7 @@ func (l *leases) renewAll(ctx context.Context) {
 	for _, p := range ps { // the heartbeat
 		select {
 		case <-p.f.Ok():
+			l.hbAcked = time.Now()
 		case err := <-p.f.Err():
 			l.b.metrics.leaseRenewFailures.Add(1)
 			l.log.Warn("leases: heartbeat failed", "err", err)
@@ -591,6 +598,9 @@ func (l *leases) collect(ctx context.Context) {
 
 func (l *leases) renewed(dev string, h *heldLease, ack *jetstream.PubAck) {
 	h.pending = nil
+	if ack.Sequence < h.rev {
+		return
+	}
 	if h.closed.Load() || !h.timer.Stop() {
 		// The timer closed the device meanwhile: give the lease up.
 		l.lose(dev, "it could not be renewed in time")
@@ -612,7 +622,9 @@ func (l *leases) refused(dev string, h *heldLease, err error) {
 	cancel()
 	var le Lease
 	if gerr == nil && json.Unmarshal(e.Value(), &le) == nil && le.Owner == l.id && le.Since == float64(h.since.UnixNano())/1e9 {
-		h.rev = e.Revision() // ours, written by a renewal whose answer was lost
+		// Ours, written by a renewal whose answer was lost: it was sent at
+		// pendAt at the earliest.
+		l.renewed(dev, h, &jetstream.PubAck{Sequence: e.Revision()})
 		return
 	}
 	l.lose(dev, "lease renewal refused: another replica holds it")
@@ -669,8 +681,8 @@ func (l *leases) reconcile(ctx context.Context) {
 	target := assign(l.devices, live)
 	var take []string
 	for _, dev := range l.devices {
-		if l.held[dev] != nil {
-			continue
+		if l.held[dev] != nil || l.b.busy(dev) {
+			continue // ours, or our last worker for it is still closing
 		}
 		if o := l.owners[dev]; o != nil && now.Sub(o.updated) < l.ttl+l.renew {
 			continue // held by another replica
@@ -751,11 +763,20 @@ func (l *leases) deleteLease(ctx context.Context, dev string) {
 	if h == nil {
 		return
 	}
+	ctx, cancel := context.WithTimeout(ctx, l.wait())
+	if h.pending != nil { // a renewal in flight moves the revision on
+		select {
+		case ack := <-h.pending.Ok():
+			h.rev = max(h.rev, ack.Sequence)
+		case <-h.pending.Err():
+		case <-ctx.Done():
+		}
+		h.pending = nil
+	}
 	h.done.Store(true)
 	h.timer.Stop()
 	delete(l.held, dev)
 	l.b.metrics.leasesHeld.Add(-1)
-	ctx, cancel := context.WithTimeout(ctx, l.wait())
 	defer cancel()
 	if err := l.kv.Delete(ctx, deviceKeyPrefix+dev, jetstream.LastRevision(h.rev)); err != nil {
 		l.log.Warn("leases: could not release a device (it will expire)", "device", dev, "err", err)

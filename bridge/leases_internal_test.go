@@ -2,6 +2,7 @@ package bridge
 
 import (
 	"context"
+	"encoding/json"
 	"net"
 	"strings"
 	"sync"
@@ -273,5 +274,104 @@ func TestQueueDropsCounted(t *testing.T) {
 	b.Shutdown(context.Background())
 	if after := b.Metrics().QueueDrops(); after < before {
 		t.Errorf("drops went from %d to %d when the worker stopped", before, after)
+	}
+}
+
+// A device whose worker is still closing keeps its lease: another
+// replica must not connect before the connection is closed.
+func TestLeaseKeptWhileWorkerCloses(t *testing.T) {
+	ns := jetStreamServer(t)
+	dev := katcptest.NewDevice(t, katcp.ServerConfig{})
+	start := func(inst string) *Bridge {
+		nc, err := nats.Connect(ns.ClientURL())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(nc.Close)
+		b, err := New(nc, Config{Instance: inst, Devices: []Device{{Name: "d0", Address: dev.Addr()}}, Leases: LeasesOn,
+			LeaseTTL: time.Second, LeaseRenew: 100 * time.Millisecond, NoLastValues: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := b.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { b.Shutdown(context.Background()) })
+		return b
+	}
+	a := start("a")
+	poll(t, "d0 served by a", func() bool { return len(a.Serving()) == 1 && dev.Clients() == 1 })
+	b := start("b")
+
+	// a stops serving d0 but is slow to close it (as a graceful stop
+	// waiting for requests is).
+	a.mu.Lock()
+	w := a.workers["d0"]
+	delete(a.workers, "d0")
+	w.stopServing()
+	st := &stopper{w, make(chan struct{})}
+	a.stopping["d0"] = st
+	a.publishServedLocked()
+	a.mu.Unlock()
+	var closeOnce sync.Once
+	finish := func() {
+		closeOnce.Do(func() {
+			w.stop("test")
+			a.mu.Lock()
+			delete(a.stopping, "d0")
+			a.mu.Unlock()
+			close(st.done)
+		})
+	}
+	t.Cleanup(finish) // before the bridges' Shutdown, should the test fail
+
+	watch, err := nats.Connect(ns.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer watch.Close()
+	js, _ := jetstream.New(watch)
+	kv, err := js.KeyValue(context.Background(), DefaultLeaseBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	owner := func() (string, uint64) {
+		e, err := kv.Get(context.Background(), "device.d0")
+		if err != nil {
+			return "", 0
+		}
+		var le Lease
+		json.Unmarshal(e.Value(), &le)
+		return le.Instance, e.Revision()
+	}
+	kw, err := kv.Watch(context.Background(), "device.d0", jetstream.UpdatesOnly())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer kw.Stop()
+	renewals := 0
+	for renewals < 5 { // a renews; nobody deletes the lease meanwhile
+		select {
+		case e := <-kw.Updates():
+			if e == nil {
+				continue
+			}
+			if e.Operation() != jetstream.KeyValuePut {
+				t.Fatalf("the lease was released while a still closes d0")
+			}
+			renewals++
+		case <-time.After(10 * time.Second):
+			t.Fatal("no renewals")
+		}
+	}
+	if inst, _ := owner(); inst != "a" || len(b.Serving()) != 0 || dev.PeakClients() > 1 {
+		t.Fatalf("lease held by %q, b serves %v while a still closes d0 (peak %d clients)", inst, b.Serving(), dev.PeakClients())
+	}
+	// Once closed, the lease goes and d0 is served again (by whichever
+	// replica it is placed on).
+	finish()
+	poll(t, "d0 served again", func() bool { return len(a.Serving())+len(b.Serving()) == 1 && dev.Clients() == 1 })
+	if p := dev.PeakClients(); p > 1 {
+		t.Errorf("%d connections at once", p)
 	}
 }

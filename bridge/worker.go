@@ -221,6 +221,15 @@ func (w *worker) stopStatusRequests() {
 
 func (w *worker) cancelRequests() { w.cancel() }
 
+// abort cancels the requests and closes the device connection at once,
+// without waiting for anything (stop still has to be called).
+func (w *worker) abort() {
+	w.cancel()
+	if w.client != nil {
+		w.client.Abort()
+	}
+}
+
 // stopServing makes the worker answer new requests with a not-served
 // error; waitRequests waits for those it took.
 func (w *worker) stopServing() {

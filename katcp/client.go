@@ -222,13 +222,22 @@ func (c *Client) Addr() string { return c.addr }
 // callback or inform handler; use `go c.Close()` there.
 func (c *Client) Close() error {
 	c.closeOnce.Do(func() {
-		c.mu.Lock()
-		c.closed = true
-		c.mu.Unlock()
-		c.cancel()
+		c.Abort()
 		c.wg.Wait()
 	})
 	return c.closeErr
+}
+
+// Abort stops the client without waiting: it connects no more and its
+// connection closes at once (requests in flight fail). Close, called
+// later, waits for the client's goroutines and callbacks. Abort is for a
+// caller that must let go of the device now while a callback may still
+// be busy.
+func (c *Client) Abort() {
+	c.mu.Lock()
+	c.closed = true
+	c.mu.Unlock()
+	c.cancel()
 }
 
 // Stopped is closed once the client has stopped connecting: after Close,
