@@ -192,6 +192,11 @@ func TestBridgeRequests(t *testing.T) {
 		{"katcp.m000.req.echo", "", nats.Header{"Katcp-Timeout": {"soon"}}, "400", "", "bridge", "Katcp-Timeout"},
 		{"katcp.m000.req.slow", "", nats.Header{"Katcp-Timeout": {"0.2"}}, "504", "", "bridge", "did not reply within 200ms"},
 	}
+	// Until the bridge has read the device's ?help, unknown requests go to
+	// the device (which answers invalid).
+	waitFor(t, "the device's request list", func() bool {
+		return f.rawRequest(t, "katcp.m000.req.nosuch", "", nil).Header.Get(bridge.HeaderErrorCode) == "404"
+	})
 	for _, tt := range tests {
 		m := f.rawRequest(t, tt.subject, tt.body, tt.hdr)
 		if got := m.Header.Get(bridge.HeaderErrorCode); got != tt.code {
