@@ -1,7 +1,9 @@
 package katcptest_test
 
 import (
+	"bufio"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
@@ -9,40 +11,41 @@ import (
 	"github.com/katcp-go/katcp-bridge/katcp/katcptest"
 )
 
+// dial connects to d and returns once the device has answered a
+// request on the connection (so it has accepted it).
 func dial(t *testing.T, d *katcptest.Device) net.Conn {
 	t.Helper()
 	c, err := net.Dial("tcp", d.Addr())
 	if err != nil {
 		t.Fatal(err)
 	}
-	return c
-}
-
-func waitClients(t *testing.T, d *katcptest.Device, n int) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for d.Clients() != n {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d clients, want %d", d.Clients(), n)
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write([]byte("?watchdog\n")); err != nil {
+		t.Fatal(err)
+	}
+	r := bufio.NewReader(c)
+	for {
+		line, err := r.ReadString('\n')
+		if err != nil {
+			t.Fatal(err)
 		}
-		time.Sleep(time.Millisecond)
+		if strings.HasPrefix(line, "!watchdog") {
+			return c
+		}
 	}
 }
 
 func TestPeakClients(t *testing.T) {
 	d := katcptest.NewDevice(t, katcp.ServerConfig{})
 	a := dial(t, d)
-	waitClients(t, d, 1)
 	a.Close()
 	b := dial(t, d) // the server may not have seen a's end yet
 	defer b.Close()
-	waitClients(t, d, 1)
 	if p := d.PeakClients(); p != 1 {
 		t.Errorf("peak %d after one client closed and another connected, want 1", p)
 	}
 	c := dial(t, d)
 	defer c.Close()
-	waitClients(t, d, 2)
 	if p := d.PeakClients(); p != 2 {
 		t.Errorf("peak %d with two clients at once, want 2", p)
 	}
