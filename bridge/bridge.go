@@ -171,10 +171,7 @@ func New(nc *nats.Conn, cfg Config) (*Bridge, error) {
 		return n
 	}
 	b.metrics.liveQueueDrops.Store(&live)
-	for _, d := range c.Devices {
-		if _, err := newWorker(b, d); err != nil {
-			return nil, err
-		}
+	for _, d := range c.Devices { // checked by Validate, sensor patterns too
 		b.devices[d.Name] = d
 	}
 	return b, nil
@@ -274,21 +271,7 @@ func (b *Bridge) retryLeases() {
 // draining. A device whose previous worker is still closing waits for
 // it: never two connections to one device.
 func (b *Bridge) serve(names []string) (failed []string) {
-	for {
-		b.mu.Lock()
-		var wait chan struct{}
-		for _, n := range names {
-			if st := b.stopping[n]; st != nil {
-				wait = st.done
-				break
-			}
-		}
-		if wait == nil {
-			break // with b.mu held
-		}
-		b.mu.Unlock()
-		<-wait
-	}
+	b.lockClosed(names)
 	defer b.mu.Unlock()
 	if b.draining.Load() {
 		return names
@@ -389,20 +372,23 @@ func (b *Bridge) busy(dev string) bool {
 	return b.workers[dev] != nil || b.stopping[dev] != nil
 }
 
-// waitStoppers waits until no worker is closing.
-func (b *Bridge) waitStoppers() {
+// lockClosed waits until no worker of the devices named (of any device
+// when names is nil) is closing, and returns with b.mu held.
+func (b *Bridge) lockClosed(names []string) {
 	for {
 		b.mu.Lock()
-		var done chan struct{}
-		for _, st := range b.stopping {
-			done = st.done
-			break
+		var wait chan struct{}
+		for n, st := range b.stopping {
+			if names == nil || slices.Contains(names, n) {
+				wait = st.done
+				break
+			}
 		}
-		b.mu.Unlock()
-		if done == nil {
+		if wait == nil {
 			return
 		}
-		<-done
+		b.mu.Unlock()
+		<-wait
 	}
 }
 
@@ -579,7 +565,8 @@ func (b *Bridge) Shutdown(ctx context.Context) error {
 		// The connections are closed (also those a lost lease or a
 		// hand-over was closing): the leases may go. Wait (at most a
 		// lease TTL) for the other replicas, if any, to serve the devices.
-		b.waitStoppers()
+		b.lockClosed(nil)
+		b.mu.Unlock()
 		l.release()
 		if !l.othersAlive() {
 			b.mu.Lock()

@@ -191,11 +191,7 @@ func (b *Bridge) setupLeases(ctx context.Context) (l *leases, notAvailable bool,
 			errors.Is(err, nats.ErrNoResponders)
 		return nil, na, fmt.Errorf("lease bucket %s: %w", b.cfg.LeaseBucket, err)
 	}
-	devices := make([]string, 0, len(b.cfg.Devices))
-	for _, d := range b.cfg.Devices {
-		devices = append(devices, d.Name)
-	}
-	slices.Sort(devices)
+	devices := slices.Sorted(maps.Keys(b.devices))
 	return &leases{
 		b:         b,
 		js:        js,
@@ -499,14 +495,18 @@ func (l *leases) heartbeat(ctx context.Context) {
 	if l.noHeartbeat {
 		return
 	}
-	doc := mustJSON(Replica{ID: l.id, Instance: l.b.instance, Started: float64(l.started.UnixNano()) / 1e9})
 	ctx, cancel := context.WithTimeout(ctx, l.wait())
 	defer cancel()
-	_, err := l.js.PublishMsg(ctx, &nats.Msg{Subject: l.subject(replicaKeyPrefix + l.id), Data: doc}, jetstream.WithMsgTTL(l.ttl))
+	_, err := l.js.PublishMsg(ctx, l.heartbeatMsg(), jetstream.WithMsgTTL(l.ttl))
 	if err != nil {
 		l.b.metrics.leaseRenewFailures.Add(1)
 		l.log.Warn("leases: heartbeat failed", "err", err)
 	}
+}
+
+func (l *leases) heartbeatMsg() *nats.Msg {
+	doc := mustJSON(Replica{ID: l.id, Instance: l.b.instance, Started: float64(l.started.UnixNano()) / 1e9})
+	return &nats.Msg{Subject: l.subject(replicaKeyPrefix + l.id), Data: doc}
 }
 
 // wait bounds the loop's calls to JetStream (renewals, takes, deletes;
@@ -522,18 +522,13 @@ func (l *leases) subject(key string) string { return "$KV." + l.bucket + "." + k
 func (l *leases) renewAll(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, l.wait())
 	defer cancel()
-	type pending struct {
-		dev  string // "" for the heartbeat
-		sent time.Time
-		f    jetstream.PubAckFuture
-	}
-	var ps []pending
+	var hb jetstream.PubAckFuture
 	if !l.noHeartbeat {
-		hb := mustJSON(Replica{ID: l.id, Instance: l.b.instance, Started: float64(l.started.UnixNano()) / 1e9})
-		if f, err := l.js.PublishMsgAsync(&nats.Msg{Subject: l.subject(replicaKeyPrefix + l.id), Data: hb}, jetstream.WithMsgTTL(l.ttl)); err == nil {
-			ps = append(ps, pending{"", time.Now(), f})
-		} else {
+		f, err := l.js.PublishMsgAsync(l.heartbeatMsg(), jetstream.WithMsgTTL(l.ttl))
+		if err != nil {
 			l.b.metrics.leaseRenewFailures.Add(1)
+		} else {
+			hb = f
 		}
 	}
 	for _, dev := range slices.Sorted(maps.Keys(l.held)) {
@@ -551,11 +546,11 @@ func (l *leases) renewAll(ctx context.Context) {
 		}
 		h.pending, h.pendAt = f, sent
 	}
-	for _, p := range ps { // the heartbeat
+	if hb != nil {
 		select {
-		case <-p.f.Ok():
+		case <-hb.Ok():
 			l.hbAcked = time.Now()
-		case err := <-p.f.Err():
+		case err := <-hb.Err():
 			l.b.metrics.leaseRenewFailures.Add(1)
 			l.log.Warn("leases: heartbeat failed", "err", err)
 		case <-ctx.Done():
@@ -650,17 +645,22 @@ func (l *leases) expire() {
 	}
 }
 
+// drop forgets a held lease: its timer does nothing from now on.
+func (l *leases) drop(dev string, h *heldLease) {
+	h.done.Store(true)
+	h.timer.Stop()
+	delete(l.held, dev)
+	l.b.metrics.leasesHeld.Add(-1)
+}
+
 // lose stops serving a device whose lease is gone, at once.
 func (l *leases) lose(dev, reason string) {
 	h := l.held[dev]
 	if h == nil {
 		return
 	}
-	h.done.Store(true)
-	h.timer.Stop()
-	delete(l.held, dev)
+	l.drop(dev, h)
 	l.b.metrics.leasesLost.Add(1)
-	l.b.metrics.leasesHeld.Add(-1)
 	l.log.Warn("leases: lost a device", "device", dev, "reason", reason)
 	l.b.unserve([]string{dev}, true, "lease lost: "+reason)
 	l.dirty = true
@@ -698,10 +698,10 @@ func (l *leases) reconcile(ctx context.Context) {
 	}
 	var give []string
 	fair := (len(l.devices) + len(live) - 1) / len(live)
-	keep := len(l.held)
-	for _, dev := range slices.Sorted(maps.Keys(l.held)) {
-		if l.held[dev].releasing {
-			keep--
+	keep := 0 // held and not being handed over
+	for _, h := range l.held {
+		if !h.releasing {
+			keep++
 		}
 	}
 	for _, dev := range slices.Sorted(maps.Keys(l.held)) {
@@ -764,6 +764,7 @@ func (l *leases) deleteLease(ctx context.Context, dev string) {
 		return
 	}
 	ctx, cancel := context.WithTimeout(ctx, l.wait())
+	defer cancel()
 	if h.pending != nil { // a renewal in flight moves the revision on
 		select {
 		case ack := <-h.pending.Ok():
@@ -773,11 +774,7 @@ func (l *leases) deleteLease(ctx context.Context, dev string) {
 		}
 		h.pending = nil
 	}
-	h.done.Store(true)
-	h.timer.Stop()
-	delete(l.held, dev)
-	l.b.metrics.leasesHeld.Add(-1)
-	defer cancel()
+	l.drop(dev, h)
 	if err := l.kv.Delete(ctx, deviceKeyPrefix+dev, jetstream.LastRevision(h.rev)); err != nil {
 		l.log.Warn("leases: could not release a device (it will expire)", "device", dev, "err", err)
 	} else if !h.closed.Load() {

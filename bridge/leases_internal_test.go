@@ -31,6 +31,45 @@ func jetStreamServer(t *testing.T) *server.Server {
 	return ns
 }
 
+// startTestBridge connects to url and starts a bridge with cfg; t.Cleanup
+// stops both.
+func startTestBridge(t *testing.T, url string, cfg Config) *Bridge {
+	t.Helper()
+	nc, err := nats.Connect(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	b, err := New(nc, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Shutdown(context.Background()) })
+	return b
+}
+
+// leaseBucket opens the lease bucket on a connection of its own.
+func leaseBucket(t *testing.T, ns *server.Server) jetstream.KeyValue {
+	t.Helper()
+	nc, err := nats.Connect(ns.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kv, err := js.KeyValue(context.Background(), DefaultLeaseBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return kv
+}
+
 func poll(t *testing.T, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(15 * time.Second)
@@ -47,20 +86,8 @@ func poll(t *testing.T, what string, cond func() bool) {
 func TestLeaseOnUnservedDeviceIsReleased(t *testing.T) {
 	ns := jetStreamServer(t)
 	dev := katcptest.NewDevice(t, katcp.ServerConfig{})
-	nc, err := nats.Connect(ns.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	b, err := New(nc, Config{Devices: []Device{{Name: "d0", Address: dev.Addr()}}, Leases: LeasesOn,
+	b := startTestBridge(t, ns.ClientURL(), Config{Devices: []Device{{Name: "d0", Address: dev.Addr()}}, Leases: LeasesOn,
 		LeaseTTL: time.Second, LeaseRenew: 100 * time.Millisecond, NoLastValues: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := b.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer b.Shutdown(context.Background())
 	poll(t, "d0 served", func() bool { return len(b.Serving()) == 1 && dev.Clients() == 1 })
 	b.unserve([]string{"d0"}, true, "lease lost: it could not be renewed in time")
 	poll(t, "d0 released and served again", func() bool {
@@ -185,33 +212,12 @@ func TestLeasesSurviveAStall(t *testing.T) {
 	ns := jetStreamServer(t)
 	proxy := newStallProxy(t, ns.Addr().String())
 	dev := katcptest.NewDevice(t, katcp.ServerConfig{})
-	nc, err := nats.Connect("nats://" + proxy.ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	b, err := New(nc, Config{Devices: []Device{{Name: "d0", Address: dev.Addr()}}, Leases: LeasesOn,
+	b := startTestBridge(t, "nats://"+proxy.ln.Addr().String(), Config{Devices: []Device{{Name: "d0", Address: dev.Addr()}}, Leases: LeasesOn,
 		LeaseTTL: 4 * time.Second, LeaseRenew: 400 * time.Millisecond, NoLastValues: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := b.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer b.Shutdown(context.Background())
 	poll(t, "d0 served", func() bool { return len(b.Serving()) == 1 && dev.Clients() == 1 })
 
 	// A second connection, not through the proxy, reads the lease.
-	watch, err := nats.Connect(ns.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer watch.Close()
-	js, _ := jetstream.New(watch)
-	kv, err := js.KeyValue(context.Background(), DefaultLeaseBucket)
-	if err != nil {
-		t.Fatal(err)
-	}
+	kv := leaseBucket(t, ns)
 	rev := func() uint64 {
 		e, err := kv.Get(context.Background(), "device.d0")
 		if err != nil {
@@ -242,20 +248,8 @@ func TestQueueDropsCounted(t *testing.T) {
 	ns := jetStreamServer(t)
 	dev := katcptest.NewDevice(t, katcp.ServerConfig{})
 	s := dev.AddSensor(katcp.SensorInteger, "fast", katcp.SensorOptions{})
-	nc, err := nats.Connect(ns.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	b, err := New(nc, Config{Devices: []Device{{Name: "d0", Address: dev.Addr()}}, Leases: LeasesOff, NoLastValues: true,
+	b := startTestBridge(t, ns.ClientURL(), Config{Devices: []Device{{Name: "d0", Address: dev.Addr()}}, Leases: LeasesOff, NoLastValues: true,
 		Client: katcp.ClientConfig{InformQueue: 1}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := b.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer b.Shutdown(context.Background())
 	i := 0
 	poll(t, "updates dropped and counted", func() bool {
 		for range 1000 {
@@ -282,21 +276,8 @@ func TestLeaseKeptWhileWorkerCloses(t *testing.T) {
 	ns := jetStreamServer(t)
 	dev := katcptest.NewDevice(t, katcp.ServerConfig{})
 	start := func(inst string) *Bridge {
-		nc, err := nats.Connect(ns.ClientURL())
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(nc.Close)
-		b, err := New(nc, Config{Instance: inst, Devices: []Device{{Name: "d0", Address: dev.Addr()}}, Leases: LeasesOn,
+		return startTestBridge(t, ns.ClientURL(), Config{Instance: inst, Devices: []Device{{Name: "d0", Address: dev.Addr()}}, Leases: LeasesOn,
 			LeaseTTL: time.Second, LeaseRenew: 100 * time.Millisecond, NoLastValues: true})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := b.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { b.Shutdown(context.Background()) })
-		return b
 	}
 	a := start("a")
 	poll(t, "d0 served by a", func() bool { return len(a.Serving()) == 1 && dev.Clients() == 1 })
@@ -324,16 +305,7 @@ func TestLeaseKeptWhileWorkerCloses(t *testing.T) {
 	}
 	t.Cleanup(finish) // before the bridges' Shutdown, should the test fail
 
-	watch, err := nats.Connect(ns.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer watch.Close()
-	js, _ := jetstream.New(watch)
-	kv, err := js.KeyValue(context.Background(), DefaultLeaseBucket)
-	if err != nil {
-		t.Fatal(err)
-	}
+	kv := leaseBucket(t, ns)
 	owner := func() (string, uint64) {
 		e, err := kv.Get(context.Background(), "device.d0")
 		if err != nil {

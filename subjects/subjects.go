@@ -172,6 +172,11 @@ func EscapeSensor(name string) string {
 	if plainSensor(name) {
 		return name // nothing to escape: the common case, without allocating
 	}
+	return escapeSensor(name)
+}
+
+// escapeSensor is EscapeSensor without the fast path for plain names.
+func escapeSensor(name string) string {
 	var b strings.Builder
 	for i, part := range strings.Split(name, ".") {
 		if i > 0 {
