@@ -325,7 +325,7 @@ func (w *worker) allowed(name string) bool {
 }
 
 // handle is the micro endpoint handler: it checks what it can at once and
-// runs the KATCP request on its own goroutine.
+// starts the KATCP request, which answers when it completes.
 func (w *worker) handle(req micro.Request) {
 	b := w.b
 	if !w.take() {
@@ -350,16 +350,23 @@ func (w *worker) handle(req micro.Request) {
 		return
 	}
 	b.metrics.inFlight.Add(1)
-	b.run(func() {
-		defer w.reqWG.Done()
-		defer b.inflight.Done()
-		defer b.metrics.inFlight.Add(-1)
-		defer func() { <-w.sem }()
-		w.serve(req)
+	w.serve(req, func() {
+		<-w.sem
+		b.metrics.inFlight.Add(-1)
+		b.inflight.Done()
+		w.reqWG.Done()
 	})
 }
 
-func (w *worker) serve(req micro.Request) {
+// bigReply is the number of in-response informs above which a reply is
+// encoded and sent on its own goroutine rather than the device
+// connection's read goroutine.
+const bigReply = 64
+
+// serve performs one request and calls done once it has answered. The
+// KATCP request completes asynchronously: no goroutine waits for it, and
+// the reply is sent from the device connection's read goroutine.
+func (w *worker) serve(req micro.Request, done func()) {
 	b := w.b
 	start := time.Now()
 	ctx := Extract(context.Background(), b.prop, nats.Header(req.Headers()))
@@ -373,35 +380,72 @@ func (w *worker) serve(req micro.Request) {
 			attribute.String("katcp.device", w.dev.Name),
 			attribute.String("katcp.request", name),
 		))
-	defer span.End()
-
-	body, status, er := w.run(ctx, req, p, perr)
-	outcome := status
-	if er != nil {
-		span.SetStatus(codes.Error, er.text)
-		span.SetAttributes(attribute.Int("katcp.error_code", er.code), attribute.String("katcp.error_source", er.source))
-		switch {
-		case er.status != "":
-			outcome = er.status // the device answered: fail, invalid, ...
-		case outcome == "":
-			outcome = fmt.Sprintf("error-%d", er.code)
+	finish := func(body []byte, status string, er *errorReply) {
+		defer done()
+		defer span.End()
+		outcome := status
+		if er != nil {
+			span.SetStatus(codes.Error, er.text)
+			span.SetAttributes(attribute.Int("katcp.error_code", er.code), attribute.String("katcp.error_source", er.source))
+			switch {
+			case er.status != "":
+				outcome = er.status // the device answered: fail, invalid, ...
+			case outcome == "":
+				outcome = fmt.Sprintf("error-%d", er.code)
+			}
+		}
+		b.metrics.request(w.dev.Name, outcome, time.Since(start))
+		if err := b.respond(ctx, req, body, status, er); err != nil {
+			b.log.Warn("bridge: could not send a reply", "device", w.dev.Name, "request", name, "err", err)
 		}
 	}
-	b.metrics.request(w.dev.Name, outcome, time.Since(start))
-	if err := b.respond(ctx, req, body, status, er); err != nil {
-		b.log.Warn("bridge: could not send a reply", "device", w.dev.Name, "request", name, "err", err)
+
+	m, timeout, er := w.prepare(req, p, perr)
+	if er != nil {
+		finish(nil, "", er)
+		return
 	}
+	asJSON := strings.HasPrefix(req.Headers().Get(HeaderAccept), ContentJSON)
+	_, kspan := b.tracer.Start(ctx, "katcp "+p.Name,
+		trace.WithSpanKind(trace.SpanKindClient),
+		trace.WithAttributes(
+			attribute.String("rpc.system", "katcp"),
+			attribute.String("rpc.method", p.Name),
+			attribute.String("server.address", w.dev.Address),
+			attribute.String("katcp.device", w.dev.Name),
+		))
+	// w.ctx ends in-flight requests on a forced shutdown.
+	w.client.RequestFunc(w.ctx, m, timeout, func(r *katcp.Reply, err error) {
+		if err != nil {
+			kspan.RecordError(err)
+			kspan.SetStatus(codes.Error, err.Error())
+			kspan.End()
+			finish(nil, "", errorFor(err, w.dev.Name, timeout))
+			return
+		}
+		kspan.SetAttributes(attribute.Int("katcp.mid", r.MID), attribute.String("katcp.status", r.Status()), attribute.Int("katcp.informs", len(r.Informs)))
+		if !r.OK() {
+			kspan.SetStatus(codes.Error, r.Status())
+		}
+		kspan.End()
+		if len(r.Informs) > bigReply {
+			b.run(func() { finish(replyOf(r, asJSON)) })
+			return
+		}
+		finish(replyOf(r, asJSON))
+	})
 }
 
-// run performs one request; it returns the reply body and the device's
-// status, or what went wrong.
-func (w *worker) run(ctx context.Context, req micro.Request, p subjects.Parsed, perr error) ([]byte, string, *errorReply) {
+// prepare checks a request and turns it into a KATCP request and its
+// timeout.
+func (w *worker) prepare(req micro.Request, p subjects.Parsed, perr error) (katcp.Message, time.Duration, *errorReply) {
 	b := w.b
+	var m katcp.Message
 	if perr != nil || p.Kind != subjects.KindRequest {
-		return nil, "", errBadRequest("bad request subject %q", req.Subject())
+		return m, 0, errBadRequest("bad request subject %q", req.Subject())
 	}
 	if !w.allowed(p.Name) {
-		return nil, "", &errorReply{code: 403, source: "bridge", text: fmt.Sprintf("request %s to device %s is denied by policy", p.Name, w.dev.Name)}
+		return m, 0, &errorReply{code: 403, source: "bridge", text: fmt.Sprintf("request %s to device %s is denied by policy", p.Name, w.dev.Name)}
 	}
 	h := req.Headers()
 	timeout := time.Duration(w.dev.Timeout)
@@ -411,7 +455,7 @@ func (w *worker) run(ctx context.Context, req micro.Request, p subjects.Parsed, 
 	if v := h.Get(HeaderTimeout); v != "" {
 		f, err := katcp.ParseFloat([]byte(v))
 		if err != nil || !(f > 0) {
-			return nil, "", errBadRequest("header %s: %q is not a positive number of seconds", HeaderTimeout, v)
+			return m, 0, errBadRequest("header %s: %q is not a positive number of seconds", HeaderTimeout, v)
 		}
 		if f >= b.cfg.MaxTimeout.Seconds() { // also before converting: no overflow
 			timeout = b.cfg.MaxTimeout
@@ -422,51 +466,30 @@ func (w *worker) run(ctx context.Context, req micro.Request, p subjects.Parsed, 
 	timeout = min(timeout, b.cfg.MaxTimeout)
 	args, err := DecodeArgs(req.Data(), strings.HasPrefix(h.Get(HeaderContentType), ContentJSON))
 	if err != nil {
-		return nil, "", errBadRequest("%v", err)
+		return m, 0, errBadRequest("%v", err)
 	}
 	if w.dev.ReadOnly && p.Name == "log-level" && len(args) > 0 {
-		return nil, "", &errorReply{code: 403, source: "bridge", text: fmt.Sprintf("device %s is read-only: ?log-level may only be queried", w.dev.Name)}
+		return m, 0, &errorReply{code: 403, source: "bridge", text: fmt.Sprintf("device %s is read-only: ?log-level may only be queried", w.dev.Name)}
 	}
 	if !w.client.Connected() {
 		if !w.tried.Load() { // just taken over: not "not connected" yet
-			return nil, "", errNotServed(w.dev.Name, "the bridge is connecting to it")
+			return m, 0, errNotServed(w.dev.Name, "the bridge is connecting to it")
 		}
-		return nil, "", errorFor(katcp.ErrNotConnected, w.dev.Name, timeout)
+		return m, 0, errorFor(katcp.ErrNotConnected, w.dev.Name, timeout)
 	}
 	w.mu.Lock()
 	known := w.requests == nil || w.requests[p.Name]
 	w.mu.Unlock()
 	if !known {
-		return nil, "", &errorReply{code: 404, source: "bridge", text: fmt.Sprintf("device %s has no request %s", w.dev.Name, p.Name)}
+		return m, 0, &errorReply{code: 404, source: "bridge", text: fmt.Sprintf("device %s has no request %s", w.dev.Name, p.Name)}
 	}
+	return katcp.Message{Type: katcp.TypeRequest, Name: p.Name, Args: args}, timeout, nil
+}
 
-	m := katcp.Message{Type: katcp.TypeRequest, Name: p.Name, Args: args}
-	kctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	stop := context.AfterFunc(w.ctx, cancel) // forced shutdown
-	defer stop()
-	kctx, span := b.tracer.Start(kctx, "katcp "+p.Name,
-		trace.WithSpanKind(trace.SpanKindClient),
-		trace.WithAttributes(
-			attribute.String("rpc.system", "katcp"),
-			attribute.String("rpc.method", p.Name),
-			attribute.String("server.address", w.dev.Address),
-			attribute.String("katcp.device", w.dev.Name),
-		))
-	r, err := w.client.RequestRaw(kctx, m)
-	if err != nil {
-		span.RecordError(err)
-		span.SetStatus(codes.Error, err.Error())
-		span.End()
-		return nil, "", errorFor(err, w.dev.Name, timeout)
-	}
-	span.SetAttributes(attribute.Int("katcp.mid", r.MID), attribute.String("katcp.status", r.Status()), attribute.Int("katcp.informs", len(r.Informs)))
-	if !r.OK() {
-		span.SetStatus(codes.Error, r.Status())
-	}
-	span.End()
-
-	body, err := encodeReply(r, strings.HasPrefix(h.Get(HeaderAccept), ContentJSON))
+// replyOf encodes a device's reply: the body, the status when it is ok,
+// or the device's refusal.
+func replyOf(r *katcp.Reply, asJSON bool) ([]byte, string, *errorReply) {
+	body, err := encodeReply(r, asJSON)
 	if err != nil {
 		return nil, "", &errorReply{code: 500, source: "bridge", text: err.Error()}
 	}

@@ -487,10 +487,10 @@ func (cc *clientConn) roundTrip(ctx context.Context, req Message, timeout time.D
 	case <-cl.done:
 	case <-ctx.Done():
 		why = ctx.Err()
-		cc.abandon(cl)
+		cc.abandon(cl, why)
 	case <-expired:
 		why = context.DeadlineExceeded
-		cc.abandon(cl)
+		cc.abandon(cl, why)
 	}
 	<-cl.done
 	if cl.err == nil && cl.reply == nil {
@@ -504,18 +504,27 @@ func (cc *clientConn) roundTrip(ctx context.Context, req Message, timeout time.D
 // start returns; otherwise the write loop does.
 func (cc *clientConn) start(req Message, stream func(Message), direct bool) (*call, error) {
 	cl := newCall(req, stream)
+	if err := cc.register(cl, direct); err != nil {
+		return nil, err
+	}
+	return cl, nil
+}
+
+// register records cl as in flight and queues its request (see start).
+func (cc *clientConn) register(cl *call, direct bool) error {
+	req := cl.req
 	cc.mu.Lock()
 	defer cc.mu.Unlock()
 	if cc.byMID == nil {
-		return nil, cc.cause()
+		return cc.cause()
 	}
 	switch {
 	case req.MID != 0:
 		if !cc.useMIDs {
-			return nil, fmt.Errorf("%w: the device does not support message ids (protocol %s)", ErrBadMID, cc.proto)
+			return fmt.Errorf("%w: the device does not support message ids (protocol %s)", ErrBadMID, cc.proto)
 		}
 		if _, busy := cc.byMID[req.MID]; busy {
-			return nil, fmt.Errorf("%w: message id %d is in flight", ErrBadMID, req.MID)
+			return fmt.Errorf("%w: message id %d is in flight", ErrBadMID, req.MID)
 		}
 	case cc.useMIDs:
 		for {
@@ -531,9 +540,9 @@ func (cc *clientConn) start(req Message, stream func(Message), direct bool) (*ca
 		cl.sent = true
 		if err := cc.queue(&cl.req, !direct); err != nil {
 			delete(cc.byMID, cl.req.MID)
-			return nil, err
+			return err
 		}
-		return cl, nil
+		return nil
 	}
 	// Without ids, one request per name is on the wire at a time, so that
 	// replies match by name even when the device answers out of order.
@@ -543,10 +552,10 @@ func (cc *clientConn) start(req Message, stream func(Message), direct bool) (*ca
 		cl.sent = true
 		if err := cc.queue(&cl.req, !direct); err != nil {
 			delete(cc.byName, req.Name)
-			return nil, err
+			return err
 		}
 	}
-	return cl, nil
+	return nil
 }
 
 // abandon gives up on a request whose caller has gone. A request still
@@ -556,7 +565,12 @@ func (cc *clientConn) start(req Message, stream func(Message), direct bool) (*ca
 // requests of the same name therefore wait for that reply: a device that
 // never answers blocks the name until the connection is renewed
 // (Client.Disconnect).
-func (cc *clientConn) abandon(cl *call) {
+func (cc *clientConn) abandon(cl *call, why error) {
+	cl.mu.Lock()
+	if !cl.abandoned() {
+		cl.why = why
+	}
+	cl.mu.Unlock()
 	cc.mu.Lock()
 	if cc.byName != nil && !cl.sent && cl.req.MID == 0 {
 		q := cc.byName[cl.name]

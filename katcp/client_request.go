@@ -87,7 +87,9 @@ type call struct {
 	done    chan struct{}
 	reply   *Reply
 	err     error
-	cleanup func() // guarded by mu; run once the call is finished
+	why     error               // guarded by mu: why an abandoned call ended
+	cleanup func()              // guarded by mu; run once the call is finished
+	then    func(*Reply, error) // RequestFunc's callback; set before the call starts
 }
 
 // setCleanup arranges for f to run when the call finishes (at once if it
@@ -126,10 +128,17 @@ func (cl *call) finish(reply *Reply, err error) {
 	cleanup := cl.cleanup
 	cl.cleanup = nil
 	cl.reply, cl.err = reply, err
+	why := cl.why
 	cl.mu.Unlock()
 	close(cl.done)
 	if cleanup != nil {
 		cleanup()
+	}
+	if cl.then != nil {
+		if reply == nil && err == nil {
+			err = why
+		}
+		cl.then(reply, err)
 	}
 }
 
@@ -234,7 +243,7 @@ func (c *Client) streamTrip(ctx context.Context, cc *clientConn, m Message, onIn
 			continue
 		case <-cl.done:
 		case <-ctx.Done():
-			cc.abandon(cl)
+			cc.abandon(cl, ctx.Err())
 		}
 		break
 	}
@@ -254,6 +263,71 @@ func (c *Client) streamTrip(ctx context.Context, cc *clientConn, m Message, onIn
 		return nil, ctx.Err()
 	}
 	return cl.reply, cl.err
+}
+
+// RequestFunc sends m, a request message as for RequestRaw, and returns
+// at once; f is called exactly once with the reply (its status not
+// interpreted) or the error, as RequestRaw would have returned them. It
+// is the cheapest way to keep many requests in flight: no goroutine waits
+// for each.
+//
+// f runs on the connection's read goroutine when the reply arrives, or on
+// the goroutine that ends the request otherwise (a timer, ctx's
+// cancellation, the connection's end, or the caller's own goroutine when
+// the request cannot start). It must not block: work that takes long
+// delays every other reply from the device and belongs on another
+// goroutine. The reply is f's to keep.
+//
+// The request ends when ctx ends; a positive timeout bounds it too
+// (ending it with context.DeadlineExceeded) and is cheaper than a
+// context deadline. With neither a timeout nor a deadline on ctx, the
+// device's ?request-timeout-hint or ClientConfig.RequestTimeout applies.
+func (c *Client) RequestFunc(ctx context.Context, m Message, timeout time.Duration, f func(*Reply, error)) {
+	fail := func(err error) { f(nil, fmt.Errorf("katcp: ?%s: %w", m.Name, err)) }
+	if m.Type != TypeRequest {
+		f(nil, fmt.Errorf("%w: want a request, got a %s", ErrBadType, m.Type))
+		return
+	}
+	if err := m.Validate(); err != nil {
+		f(nil, err)
+		return
+	}
+	cc, err := c.current()
+	if err != nil {
+		fail(err)
+		return
+	}
+	if _, ok := ctx.Deadline(); !ok && timeout <= 0 {
+		timeout = c.timeoutFor(m.Name)
+	}
+	cl := newCall(m, nil)
+	cl.then = func(r *Reply, err error) {
+		if err != nil {
+			fail(err)
+			return
+		}
+		f(r, nil)
+	}
+	if err := cc.register(cl, false); err != nil {
+		fail(err)
+		return
+	}
+	var t *time.Timer
+	if timeout > 0 {
+		t = time.AfterFunc(timeout, func() { cc.abandon(cl, context.DeadlineExceeded) })
+	}
+	stop := func() bool { return false }
+	if ctx.Done() != nil {
+		stop = context.AfterFunc(ctx, func() { cc.abandon(cl, ctx.Err()) })
+	}
+	if t != nil || ctx.Done() != nil {
+		cl.setCleanup(func() {
+			if t != nil {
+				t.Stop()
+			}
+			stop()
+		})
+	}
 }
 
 // Call is a request in flight, started by Go.
@@ -313,7 +387,7 @@ func (c *Client) goMessage(ctx context.Context, m Message, check bool) *Call {
 		cl.mu.Lock()
 		call.err = fmt.Errorf("katcp: ?%s: %w", m.Name, ctx.Err())
 		cl.mu.Unlock()
-		cc.abandon(cl)
+		cc.abandon(cl, ctx.Err())
 	})
 	cl.setCleanup(func() {
 		stop()

@@ -763,3 +763,91 @@ func TestDialCtx(t *testing.T) {
 		}
 	})
 }
+
+func TestClientRequestFunc(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c, d, _ := connect(t, ClientConfig{RequestTimeout: 5 * time.Second}, aiokatcpHello)
+		type res struct {
+			r   *Reply
+			err error
+		}
+		start := func(ctx context.Context, timeout time.Duration, name string, args ...any) chan res {
+			ch := make(chan res, 2) // 2: a second call would be caught below
+			m, err := NewRequest(name, args...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			c.RequestFunc(ctx, m, timeout, func(r *Reply, err error) { ch <- res{r, err} })
+			return ch
+		}
+		once := func(ch chan res) res {
+			t.Helper()
+			r := <-ch
+			synctest.Wait()
+			if len(ch) != 0 {
+				t.Fatal("callback called twice")
+			}
+			return r
+		}
+		add := start(context.Background(), 0, "add", 1, 2)
+		fail := start(context.Background(), 0, "fail")
+		d.expect("?add[1] 1 2\n")
+		d.expect("?fail[2]\n")
+		d.send("!fail[2] fail nope\n!add[1] ok 3\n")
+		if r := once(add); r.err != nil || string(r.r.Values()[0]) != "3" {
+			t.Errorf("add: %+v, %v", r.r, r.err)
+		}
+		// The status is not interpreted, as for RequestRaw.
+		if r := once(fail); r.err != nil || r.r.Status() != "fail" || r.r.Arg(1) != "nope" {
+			t.Errorf("fail: %+v, %v", r.r, r.err)
+		}
+
+		// The timeout ends a request; its late reply is dropped and counted.
+		slow := start(context.Background(), time.Second, "slow")
+		d.expect("?slow[3]\n")
+		if r := once(slow); !errors.Is(r.err, context.DeadlineExceeded) {
+			t.Errorf("slow: %v", r.err)
+		}
+		d.send("!slow[3] ok\n")
+		synctest.Wait()
+		if n := c.Stats().LateReplies; n != 1 {
+			t.Errorf("late replies %d, want 1", n)
+		}
+
+		// Without a timeout, the client's default applies.
+		def := start(context.Background(), 0, "slow")
+		d.expect("?slow[4]\n")
+		t0 := time.Now()
+		if r := once(def); !errors.Is(r.err, context.DeadlineExceeded) || time.Since(t0) != 5*time.Second {
+			t.Errorf("default timeout: %v after %v", r.err, time.Since(t0))
+		}
+
+		// Cancelling ctx ends it with ctx's error.
+		ctx, cancel := context.WithCancel(context.Background())
+		cancelled := start(ctx, time.Minute, "slow")
+		d.expect("?slow[5]\n")
+		cancel()
+		if r := once(cancelled); !errors.Is(r.err, context.Canceled) {
+			t.Errorf("cancelled: %v", r.err)
+		}
+
+		// Bad input is reported through f too, at once.
+		ch := make(chan res, 2)
+		c.RequestFunc(context.Background(), Message{Type: TypeRequest, Name: "bad_name"}, 0, func(r *Reply, err error) { ch <- res{r, err} })
+		if r := once(ch); !errors.Is(r.err, ErrBadName) {
+			t.Errorf("bad name: %v", r.err)
+		}
+		c.RequestFunc(context.Background(), Message{Type: TypeInform, Name: "x"}, 0, func(r *Reply, err error) { ch <- res{r, err} })
+		if r := once(ch); !errors.Is(r.err, ErrBadType) {
+			t.Errorf("inform: %v", r.err)
+		}
+
+		// A lost connection fails what is in flight.
+		lost := start(context.Background(), 0, "slow")
+		d.expect("?slow[6]\n")
+		d.conn.Close()
+		if r := once(lost); !errors.Is(r.err, ErrConnection) {
+			t.Errorf("lost: %v", r.err)
+		}
+	})
+}
