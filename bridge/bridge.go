@@ -698,24 +698,33 @@ func (b *Bridge) publish(subject, spanName string, data []byte, attrs ...attribu
 	b.publishMsg(subject, spanName, data, "", attrs...)
 }
 
+// producerSpan starts a publication's span (a variable: no slice to
+// build per message).
+var producerSpan = []trace.SpanStartOption{trace.WithSpanKind(trace.SpanKindProducer)}
+
 // publishMsg is publish with a JetStream message id ("" for none).
 func (b *Bridge) publishMsg(subject, spanName string, data []byte, id string, attrs ...attribute.KeyValue) {
-	ctx, span := b.tracer.Start(context.Background(), spanName,
-		trace.WithSpanKind(trace.SpanKindProducer),
-		trace.WithAttributes(append(attrs,
+	ctx, span := b.tracer.Start(context.Background(), spanName, producerSpan...)
+	if span.IsRecording() { // no attributes to build for a span nobody records
+		span.SetAttributes(attrs...)
+		span.SetAttributes(
 			attribute.String("messaging.system", "nats"),
 			attribute.String("messaging.operation.type", "publish"),
 			attribute.String("messaging.destination.name", subject),
-		)...))
-	msg := &nats.Msg{Subject: subject, Data: data}
+		)
+	}
+	var err error
 	if span.SpanContext().IsValid() || id != "" {
-		msg.Header = nats.Header{}
+		msg := &nats.Msg{Subject: subject, Data: data, Header: nats.Header{}}
 		Inject(ctx, b.prop, msg.Header)
 		if id != "" {
 			msg.Header.Set(nats.MsgIdHdr, id)
 		}
+		err = b.nc.PublishMsg(msg)
+	} else {
+		err = b.nc.Publish(subject, data) // no message to build
 	}
-	if err := b.nc.PublishMsg(msg); err != nil {
+	if err != nil {
 		b.metrics.drops.Add(1)
 		span.RecordError(err)
 		span.SetStatus(codes.Error, err.Error())

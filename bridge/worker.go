@@ -31,6 +31,9 @@ type worker struct {
 	cancel context.CancelFunc // ends in-flight requests on a forced shutdown
 
 	loopWG  sync.WaitGroup // loop, while it runs
+
+	sensorSubjects sync.Map     // sensor name -> its subject
+	nSubjects      atomic.Int32 // entries in sensorSubjects
 	statSub *nats.Subscription
 
 	tried   atomic.Bool    // a first connection attempt has ended
@@ -298,12 +301,29 @@ func (w *worker) sensorUpdate(u katcp.SensorUpdate) {
 	}
 	// PublishMsg copies doc into the connection's buffer before it
 	// returns, so the buffer serves the next update.
-	w.b.publishMsg(w.b.scheme.Sensor(w.dev.Name, u.Name), "publish katcp.{device}.sensor", doc, id,
+	w.b.publishMsg(w.sensorSubject(u.Name), "publish katcp.{device}.sensor", doc, id,
 		attribute.String("katcp.device", w.dev.Name))
 	if cap(doc) <= 4096 {
 		*buf = doc
 		sensorBufs.Put(buf)
 	}
+}
+
+// maxSubjects bounds the cache of sensor subjects of one device.
+const maxSubjects = 1 << 16
+
+// sensorSubject returns the subject of a sensor's updates.
+func (w *worker) sensorSubject(name string) string {
+	if s, ok := w.sensorSubjects.Load(name); ok {
+		return s.(string)
+	}
+	s := w.b.scheme.Sensor(w.dev.Name, name)
+	if w.nSubjects.Load() < maxSubjects {
+		if _, loaded := w.sensorSubjects.LoadOrStore(name, s); !loaded {
+			w.nSubjects.Add(1)
+		}
+	}
+	return s
 }
 
 // sensorBufs holds buffers for sensor documents.

@@ -290,6 +290,20 @@ func (c *Client) Protocol() ProtocolInfo {
 	return info
 }
 
+// v4 reports whether the current (or last) connection speaks KATCP v4:
+// Protocol without the copying.
+func (c *Client) v4() bool {
+	c.mu.Lock()
+	cc, info := c.conn, c.info
+	c.mu.Unlock()
+	if cc == nil {
+		return info.Version.Major == 4
+	}
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	return cc.proto.Major == 4
+}
+
 // LastError returns why the last connection or connection attempt ended,
 // or nil.
 func (c *Client) LastError() error {
@@ -574,7 +588,7 @@ func (c *Client) current() (*clientConn, error) {
 // v4 milliseconds. The result is an argument for Request. It is the
 // counterpart of katcp-python's convert_seconds.
 func (c *Client) ConvertSeconds(t time.Time) ArgAppender {
-	if c.Protocol().Version.Major == 4 {
+	if c.v4() {
 		return timestampMS(t)
 	}
 	return timestampS(t)
@@ -583,7 +597,7 @@ func (c *Client) ConvertSeconds(t time.Time) ArgAppender {
 // ParseTimestamp decodes a timestamp argument from the connected device:
 // v5 seconds, or v4 milliseconds.
 func (c *Client) ParseTimestamp(b []byte) (time.Time, error) {
-	if c.Protocol().Version.Major == 4 {
+	if c.v4() {
 		return ParseTimestampMS(b)
 	}
 	return ParseTimestamp(b)

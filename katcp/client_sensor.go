@@ -44,7 +44,7 @@ func (c *Client) SensorValues(ctx context.Context, filter string) ([]Reading, er
 	if err != nil {
 		return nil, err
 	}
-	v4 := c.Protocol().Version.Major == 4
+	v4 := c.v4()
 	var out []Reading
 	for _, inf := range r.Informs {
 		rs, err := ParseReadings(inf.Args, v4)
@@ -359,7 +359,7 @@ func (w *SensorWatcher) wants(name string) bool {
 }
 
 func (w *SensorWatcher) onStatus(m Message) {
-	v4 := w.c.Protocol().Version.Major == 4
+	v4 := w.c.v4()
 	rs, err := ParseReadings(m.Args, v4)
 	if err != nil {
 		w.c.log.Warn("katcp: bad #sensor-status", "err", err)

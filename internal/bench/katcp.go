@@ -209,3 +209,72 @@ func flatOut(d time.Duration, got *atomic.Int64, produce func(i int64)) float64 
 	<-done
 	return float64(n) / elapsed.Seconds()
 }
+
+// pacer counts the items a consumer receives and wakes a producer that
+// waits for them: paced production is how the sensor rows give a
+// pipeline work at the rate it can take it, as a NATS connection's
+// buffer paces a plain publisher.
+type pacer struct {
+	got  atomic.Int64
+	wake chan struct{}
+}
+
+func newPacer() *pacer { return &pacer{wake: make(chan struct{}, 1)} }
+
+// received counts one item; it is called by the consumer.
+func (p *pacer) received() {
+	if p.got.Add(1)%256 == 0 {
+		select {
+		case p.wake <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// paced runs produce(i) for i = 1, 2, ... keeping at most window items
+// produced and not yet received, for d after a warm-up of d/10. It
+// returns the items received per second and the share of the items
+// produced that were received (items that do not arrive within 50 ms
+// are counted lost, and production goes on).
+func paced(d time.Duration, p *pacer, window int64, produce func(i int64)) (rate, delivered float64) {
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	var produced, lost atomic.Int64
+	go func() {
+		defer close(done)
+		t := time.NewTimer(time.Hour)
+		defer t.Stop()
+		for i := int64(1); ; i++ {
+			for i-lost.Load()-p.got.Load() > window {
+				t.Reset(50 * time.Millisecond)
+				select {
+				case <-p.wake:
+				case <-t.C:
+					lost.Store(i - p.got.Load())
+				case <-stop:
+					return
+				}
+			}
+			if i%1024 == 0 {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+			}
+			produce(i)
+			produced.Store(i)
+		}
+	}()
+	time.Sleep(d / 10) // warm up
+	start, n0, p0 := time.Now(), p.got.Load(), produced.Load()
+	time.Sleep(d)
+	n, np := p.got.Load()-n0, produced.Load()-p0
+	elapsed := time.Since(start)
+	close(stop)
+	<-done
+	if np > 0 {
+		delivered = float64(n) / float64(np)
+	}
+	return float64(n) / elapsed.Seconds(), delivered
+}
