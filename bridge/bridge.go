@@ -692,18 +692,14 @@ func (b *Bridge) respond(ctx context.Context, req micro.Request, body []byte, st
 	return b.nc.PublishMsg(&nats.Msg{Subject: req.Reply(), Data: body, Header: h})
 }
 
-// publish sends an inform or sensor update with a producer span whose
-// context travels in the message headers.
-func (b *Bridge) publish(subject, spanName string, data []byte, attrs ...attribute.KeyValue) {
-	b.publishMsg(subject, spanName, data, "", attrs...)
-}
-
 // producerSpan starts a publication's span (a variable: no slice to
 // build per message).
 var producerSpan = []trace.SpanStartOption{trace.WithSpanKind(trace.SpanKindProducer)}
 
-// publishMsg is publish with a JetStream message id ("" for none).
-func (b *Bridge) publishMsg(subject, spanName string, data []byte, id string, attrs ...attribute.KeyValue) {
+// publish sends a status document with a producer span whose context
+// travels in the message headers (informs and sensor updates go through
+// a pubBatch).
+func (b *Bridge) publish(subject, spanName string, data []byte, attrs ...attribute.KeyValue) {
 	ctx, span := b.tracer.Start(context.Background(), spanName, producerSpan...)
 	if span.IsRecording() { // no attributes to build for a span nobody records
 		span.SetAttributes(attrs...)
@@ -714,12 +710,9 @@ func (b *Bridge) publishMsg(subject, spanName string, data []byte, id string, at
 		)
 	}
 	var err error
-	if span.SpanContext().IsValid() || id != "" {
+	if span.SpanContext().IsValid() {
 		msg := &nats.Msg{Subject: subject, Data: data, Header: nats.Header{}}
 		Inject(ctx, b.prop, msg.Header)
-		if id != "" {
-			msg.Header.Set(nats.MsgIdHdr, id)
-		}
 		err = b.nc.PublishMsg(msg)
 	} else {
 		err = b.nc.Publish(subject, data) // no message to build

@@ -557,3 +557,98 @@ func TestBridgeLastValues(t *testing.T) {
 		return len(got) > 0 && got[len(got)-1].Name == "pump.speed" && num(got[len(got)-1].Value) == 60
 	})
 }
+
+// Sensor updates and informs are published under producer spans, one per
+// batch the device's connection hands over (at most 256 messages), and
+// every message carries its batch span's context.
+func TestBridgePublishSpans(t *testing.T) {
+	f := startBridge(t, 0, func(d *bridge.Device) {
+		d.Sensors = []bridge.SensorSubscription{{Pattern: "*", Strategy: "event"}} // every change
+	})
+	var mu sync.Mutex
+	parents := map[string]int{} // parent span id -> messages
+	got := 0
+	last := false
+	sub, err := f.nc.Subscribe("katcp.m000.>", func(m *nats.Msg) {
+		if strings.Contains(m.Subject, ".req.") || strings.HasSuffix(m.Subject, ".status") {
+			return
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		tp := strings.Split(m.Header.Get("traceparent"), "-")
+		if len(tp) != 4 {
+			t.Errorf("%s: traceparent %q", m.Subject, m.Header.Get("traceparent"))
+			return
+		}
+		parents[tp[2]]++
+		got++
+		if strings.HasSuffix(m.Subject, ".pump.speed") && strings.HasSuffix(string(m.Data), `"value":1000}`) {
+			last = true
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	f.nc.Flush()
+	speed, _ := f.dev.Server().Sensors().Get("pump.speed")
+	for i := 1; i <= 1000; i++ {
+		speed.Set(float64(i))
+	}
+	slogFor(f.dev.Server())("a log inform")
+	waitFor(t, "the last update", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return last
+	})
+
+	// Every parent is an ended producer span whose message count is the
+	// number of messages that name it.
+	waitFor(t, "the publish spans", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		ended := map[string]bool{}
+		for _, s := range f.spans.Ended() {
+			ended[s.SpanContext().SpanID().String()] = true
+		}
+		for id := range parents {
+			if !ended[id] {
+				return false
+			}
+		}
+		return true
+	})
+	mu.Lock()
+	defer mu.Unlock()
+	kinds := map[string]int{}
+	for _, s := range f.spans.Ended() {
+		n, ok := parents[s.SpanContext().SpanID().String()]
+		if !ok {
+			continue
+		}
+		kinds[s.Name()]++
+		count := 1
+		attrs := map[string]string{}
+		for _, a := range s.Attributes() {
+			attrs[string(a.Key)] = a.Value.Emit()
+			if a.Key == "messaging.batch.message_count" {
+				count = int(a.Value.AsInt64())
+			}
+		}
+		if s.SpanKind() != trace.SpanKindProducer || attrs["messaging.system"] != "nats" || attrs["katcp.device"] != "m000" {
+			t.Errorf("span %s: kind %v attributes %v", s.Name(), s.SpanKind(), attrs)
+		}
+		if count != n || count > 256 {
+			t.Errorf("span %s: message count %d, %d messages name it", s.Name(), count, n)
+		}
+		if n == 1 && attrs["messaging.destination.name"] == "" {
+			t.Errorf("span %s of one message names no destination: %v", s.Name(), attrs)
+		}
+	}
+	if kinds["publish katcp.{device}.sensor"] == 0 || kinds["publish katcp.{device}.inform"] == 0 {
+		t.Errorf("publish spans %v", kinds)
+	}
+	if got < 2 { // the client's queue may drop updates in such a flood, not all of them
+		t.Errorf("%d messages, want the updates and the inform", got)
+	}
+}

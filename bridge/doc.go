@@ -148,10 +148,20 @@
 // span "process katcp.{device}.req.{request}" and a client span
 // "katcp {request}" for the KATCP hop (rpc.system=katcp, rpc.method,
 // server.address, katcp.mid, katcp.status, katcp.informs); the reply
-// carries the context. Each published inform, sensor update and status
-// gets a producer span ("publish katcp.{device}.sensor", ...) whose context
-// is in the message headers, so subscribers continue the trace. Span names
-// are templates; the device and names are attributes.
+// carries the context.
+//
+// Published informs and sensor updates get producer spans
+// ("publish katcp.{device}.sensor", "publish katcp.{device}.inform"), one
+// per batch: the messages the device's connection hands over together,
+// at most 256. Every message carries its batch span's context in its
+// headers, so subscribers continue the trace. A batch span has
+// messaging.batch.message_count when it covers several messages,
+// messaging.destination.template always and messaging.destination.name
+// when all its messages went to one subject (as the OpenTelemetry
+// messaging conventions have it for batch publishing). A span per update
+// would cost more than the update itself for devices that send thousands
+// a second. Status documents get a span each. Span names are templates;
+// the device and names are attributes.
 //
 // # Concurrency
 //

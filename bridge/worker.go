@@ -30,11 +30,14 @@ type worker struct {
 	ctx    context.Context
 	cancel context.CancelFunc // ends in-flight requests on a forced shutdown
 
-	loopWG  sync.WaitGroup // loop, while it runs
+	loopWG sync.WaitGroup // loop, while it runs
+
+	sensorPubs *pubBatch // sensor updates' publications
+	informPubs *pubBatch // informs' publications
 
 	sensorSubjects sync.Map     // sensor name -> its subject
 	nSubjects      atomic.Int32 // entries in sensorSubjects
-	statSub *nats.Subscription
+	statSub        *nats.Subscription
 
 	tried   atomic.Bool    // a first connection attempt has ended
 	ready   chan struct{}  // closed once start has set up client
@@ -66,6 +69,8 @@ func newWorker(b *Bridge, d Device) (*worker, error) {
 		}
 		w.subs = append(w.subs, c)
 	}
+	w.sensorPubs = newPubBatch(b, d.Name, "publish katcp.{device}.sensor", b.scheme.Device("{device}")+".sensor.{sensor}")
+	w.informPubs = newPubBatch(b, d.Name, "publish katcp.{device}.inform", b.scheme.Device("{device}")+".inform.{inform}")
 	w.state = Status{Device: d.Name, State: "disconnected", Since: now(), Reason: "not yet connected", Address: d.Address, Owner: b.instance, Leases: b.leasesOn.Load()}
 	return w, nil
 }
@@ -85,6 +90,7 @@ func (w *worker) start() error {
 	cfg.OnConnected = w.connected
 	cfg.OnDisconnected = w.disconnected
 	cfg.OnConnectFailed = func(error) { w.tried.Store(true) }
+	cfg.AfterBatch = w.endBatches
 	w.client = katcp.NewClient(w.dev.Address, cfg)
 	w.client.HandleUnhandled(w.inform)
 	for _, name := range []string{"log", "disconnect", "version-connect", "version", "build-state"} {
@@ -270,6 +276,7 @@ func (w *worker) stop(reason string) {
 		w.client.Close()
 		w.b.metrics.queueDrops.Add(w.client.Stats().DroppedInforms)
 	}
+	w.endBatches() // after Close: nothing is published into them any more
 	w.stopStatusRequests()
 	w.mu.Lock()
 	w.gaugeLocked("disconnected")
@@ -286,8 +293,14 @@ func (w *worker) inform(m katcp.Message) {
 		return // published per sensor by the watchers
 	}
 	w.b.metrics.informs.Add(1)
-	w.b.publish(w.b.scheme.Inform(w.dev.Name, m.Name), "publish katcp.{device}.inform", EncodeArgs(m.Args),
-		attribute.String("katcp.device", w.dev.Name), attribute.String("katcp.inform", m.Name))
+	w.informPubs.publish(w.b.scheme.Inform(w.dev.Name, m.Name), EncodeArgs(m.Args), "")
+}
+
+// endBatches ends the publish spans of the informs and updates the
+// client has just handed over.
+func (w *worker) endBatches() {
+	w.sensorPubs.end()
+	w.informPubs.end()
 }
 
 // sensorUpdate publishes a sensor update.
@@ -299,10 +312,9 @@ func (w *worker) sensorUpdate(u katcp.SensorUpdate) {
 	if w.b.lastValues.Load() {
 		id = msgID(w.dev.Name, u.Name, u.Timestamp, u.Status.String())
 	}
-	// PublishMsg copies doc into the connection's buffer before it
+	// Publishing copies doc into the connection's buffer before it
 	// returns, so the buffer serves the next update.
-	w.b.publishMsg(w.sensorSubject(u.Name), "publish katcp.{device}.sensor", doc, id,
-		attribute.String("katcp.device", w.dev.Name))
+	w.sensorPubs.publish(w.sensorSubject(u.Name), doc, id)
 	if cap(doc) <= 4096 {
 		*buf = doc
 		sensorBufs.Put(buf)

@@ -62,6 +62,12 @@ type ClientConfig struct {
 	OnDisconnected  func(cause error)
 	OnConnectFailed func(err error)
 
+	// AfterBatch, if set, is called on the same goroutine after each
+	// batch of informs and events it has handled: the queue is then
+	// momentarily empty, or the batch was long. Handlers that gather work
+	// across informs (publishing in batches, say) finish it there.
+	AfterBatch func()
+
 	// Logger receives the client's logs. Default: discarded.
 	Logger *slog.Logger
 }

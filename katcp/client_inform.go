@@ -201,6 +201,9 @@ func (c *Client) dispatch() {
 			}
 			*e = event{}
 		}
+		if f := c.cfg.AfterBatch; f != nil {
+			c.safely("AfterBatch", f)
+		}
 	}
 }
 
