@@ -350,34 +350,27 @@ func (w *SensorWatcher) setState(s SyncState, err error) {
 	}
 }
 
-// wants reports whether the watcher follows sensor name.
-func (w *SensorWatcher) wants(name string) bool {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	_, ok := w.types[name]
-	return ok
-}
-
 func (w *SensorWatcher) onStatus(m Message) {
 	v4 := w.c.v4()
-	rs, err := ParseReadings(m.Args, v4)
+	err := eachReading(m.Args, v4, func(_ int, name []byte, ts time.Time, st Status, value []byte) {
+		// m is this watcher's own copy: the reading may keep its bytes.
+		w.deliver(name, Reading{Timestamp: ts, Status: st, Value: value}, v4)
+	})
 	if err != nil {
 		w.c.log.Warn("katcp: bad #sensor-status", "err", err)
-		return
-	}
-	for _, r := range rs {
-		if !w.wants(r.Name) {
-			continue
-		}
-		w.deliver(r, v4)
 	}
 }
 
-// deliver decodes, records and reports one reading. It runs on the
-// dispatch goroutine.
-func (w *SensorWatcher) deliver(r Reading, v4 bool) {
+// deliver decodes, records and reports one reading of sensor name, if
+// the watcher follows it. It runs on the dispatch goroutine.
+func (w *SensorWatcher) deliver(name []byte, r Reading, v4 bool) {
 	w.mu.Lock()
-	info := w.types[r.Name]
+	info, ok := w.types[string(name)]
+	if !ok {
+		w.mu.Unlock()
+		return
+	}
+	r.Name = info.Name // no string to allocate
 	u := SensorUpdate{Reading: r, Type: info.Type}
 	if r.Status.ValidValue() {
 		u.Value, u.Err = info.Decode(r.Value, v4)
@@ -469,7 +462,7 @@ func (w *SensorWatcher) markUnreachable() {
 	w.mu.Unlock()
 	w.c.events.pushEvent(event{kind: evFunc, fn: func() {
 		for _, n := range names {
-			w.deliver(Reading{Name: n, Timestamp: now, Status: StatusUnreachable}, false)
+			w.deliver([]byte(n), Reading{Timestamp: now, Status: StatusUnreachable}, false)
 		}
 	}})
 }

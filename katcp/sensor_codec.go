@@ -93,8 +93,28 @@ type Reading struct {
 // inform: timestamp, count, then count (name, status, value) triples.
 // v4 timestamps are milliseconds.
 func ParseReadings(args [][]byte, v4 bool) ([]Reading, error) {
+	var out []Reading
+	err := eachReading(args, v4, func(n int, name []byte, ts time.Time, st Status, value []byte) {
+		if out == nil {
+			out = make([]Reading, 0, n)
+		}
+		out = append(out, Reading{Name: string(name), Timestamp: ts, Status: st, Value: append([]byte(nil), value...)})
+	})
+	if err != nil {
+		return nil, err
+	}
+	if out == nil {
+		out = []Reading{}
+	}
+	return out, nil
+}
+
+// eachReading checks a #sensor-status or #sensor-value body and then
+// calls f for each of its n readings, in order (none when it is bad).
+// The byte slices are args' own.
+func eachReading(args [][]byte, v4 bool, f func(n int, name []byte, ts time.Time, st Status, value []byte)) error {
 	if len(args) < 2 {
-		return nil, fmt.Errorf("%w: sensor readings want a timestamp and a count", ErrBadValue)
+		return fmt.Errorf("%w: sensor readings want a timestamp and a count", ErrBadValue)
 	}
 	var ts time.Time
 	var err error
@@ -104,23 +124,24 @@ func ParseReadings(args [][]byte, v4 bool) ([]Reading, error) {
 		ts, err = ParseTimestamp(args[0])
 	}
 	if err != nil {
-		return nil, err
+		return err
 	}
 	n, err := ParseInt(args[1])
 	if err != nil {
-		return nil, err
+		return err
 	}
 	if rest := len(args) - 2; n < 0 || rest%3 != 0 || n != int64(rest/3) {
-		return nil, fmt.Errorf("%w: sensor readings: count %d but %d arguments follow", ErrBadValue, n, len(args)-2)
+		return fmt.Errorf("%w: sensor readings: count %d but %d arguments follow", ErrBadValue, n, len(args)-2)
 	}
-	out := make([]Reading, n)
-	for i := range out {
-		a := args[2+3*i:]
-		st, err := ParseStatus(a[1])
-		if err != nil {
-			return nil, err
+	for i := range int(n) {
+		if _, err := ParseStatus(args[2+3*i+1]); err != nil {
+			return err
 		}
-		out[i] = Reading{Name: string(a[0]), Timestamp: ts, Status: st, Value: append([]byte(nil), a[2]...)}
 	}
-	return out, nil
+	for i := range int(n) {
+		a := args[2+3*i:]
+		st, _ := ParseStatus(a[1])
+		f(int(n), a[0], ts, st, a[2])
+	}
+	return nil
 }

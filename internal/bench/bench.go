@@ -46,6 +46,7 @@ type Row struct {
 	Ratio  float64
 	Target float64
 	Higher bool // a higher Ratio is better
+	Info   bool // a reference figure, with no target
 	Spread string
 }
 
@@ -68,6 +69,10 @@ func Print(w io.Writer, rows []Row) {
 		cmp := "<="
 		if r.Higher {
 			cmp = ">="
+		}
+		if r.Info {
+			fmt.Fprintf(w, "%-58s %14s %14s %-10s %9.3g %9s  %s %s\n", r.Name, base, human(r.Ours), r.Unit, r.Ratio, "-", "info", r.Spread)
+			continue
 		}
 		met := "yes"
 		if !r.Met() {

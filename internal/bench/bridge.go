@@ -48,6 +48,24 @@ func rawNATSResponder(url, subject string) (*nats.Conn, error) {
 	return nc, err
 }
 
+// sampledParent is a W3C traceparent of a sampled trace, as a traced
+// bridge puts on its replies and publications.
+const sampledParent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+// rawNATSTracedResponder is rawNATSResponder with a traceparent header on
+// each reply.
+func rawNATSTracedResponder(url, subject string) (*nats.Conn, error) {
+	nc, err := nats.Connect(url)
+	if err != nil {
+		return nil, err
+	}
+	reply := []byte("!echo ok hello\n")
+	_, err = nc.Subscribe(subject, func(m *nats.Msg) {
+		m.RespondMsg(&nats.Msg{Data: reply, Header: nats.Header{"traceparent": {sampledParent}}})
+	})
+	return nc, err
+}
+
 // idealBridge forwards each request as one line to a raw TCP echo server
 // and answers with the line: the two hops and nothing else.
 func idealBridge(url, subject, echoAddr string) (func(), error) {
@@ -97,8 +115,9 @@ func natsRequests(url, subject string, d time.Duration, workers int, subjects fu
 }
 
 // rawPublishRate measures plain publishes received by one subscriber,
-// paced as bridgeSensorRate is.
-func rawPublishRate(url string, d time.Duration) (float64, error) {
+// paced as bridgeSensorRate is; with traced, each message has a
+// traceparent header.
+func rawPublishRate(url string, d time.Duration, traced bool) (float64, error) {
 	sub, err := nats.Connect(url)
 	if err != nil {
 		return 0, err
@@ -117,12 +136,28 @@ func rawPublishRate(url string, d time.Duration) (float64, error) {
 	}
 	defer pub.Close()
 	payload := []byte(`{"device":"d","name":"s.0","type":"integer","timestamp":1700000000.5,"status":"nominal","value":12345}`)
-	r, _ := paced(d, p, sensorWindow, func(i int64) { pub.Publish("raw.sensor", payload) })
+	msg := &nats.Msg{Subject: "raw.sensor", Data: payload, Header: nats.Header{"traceparent": {sampledParent}}}
+	r, _ := paced(d, p, sensorWindow, func(i int64) {
+		if traced {
+			pub.PublishMsg(msg)
+		} else {
+			pub.Publish("raw.sensor", payload)
+		}
+	})
 	return r, nil
 }
 
 // sensorWindow is how many sensor updates the sensor rows keep in flight.
 const sensorWindow = 4096
+
+// rawSubject is the subject of the raw responder, with traceparent
+// headers on its replies or not.
+func rawSubject(traced bool) string {
+	if traced {
+		return "raw.traced"
+	}
+	return "raw.req"
+}
 
 // benchBridge runs a bridge over n in-process devices.
 type benchBridge struct {
@@ -224,6 +259,11 @@ func BridgeRows(o Options) ([]Row, error) {
 		return nil, err
 	}
 	defer raw.Close()
+	rawTraced, err := rawNATSTracedResponder(url, "raw.traced")
+	if err != nil {
+		return nil, err
+	}
+	defer rawTraced.Close()
 
 	var rows []Row
 	tpOn, stopTracing := alwaysOn()
@@ -281,7 +321,7 @@ func BridgeRows(o Options) ([]Row, error) {
 		}
 		if o.wants("sensors") {
 			b, u, spread, err := o.pair(
-				func() (float64, error) { return rawPublishRate(url, o.Duration) },
+				func() (float64, error) { return rawPublishRate(url, o.Duration, false) },
 				ours["sensors"])
 			if err != nil {
 				return nil, err
@@ -291,6 +331,17 @@ func BridgeRows(o Options) ([]Row, error) {
 	}
 	if o.Tracing != "both" && o.Tracing != "" {
 		return rows, nil
+	}
+	natsRaw := map[string]func(traced bool) func() (float64, error){
+		"one": func(traced bool) func() (float64, error) {
+			return func() (float64, error) { return natsRequests(url, rawSubject(traced), o.Duration, 1, nil) }
+		},
+		"inflight": func(traced bool) func() (float64, error) {
+			return func() (float64, error) { return natsRequests(url, rawSubject(traced), o.Duration, 100, nil) }
+		},
+		"sensors": func(traced bool) func() (float64, error) {
+			return func() (float64, error) { return rawPublishRate(url, o.Duration, traced) }
+		},
 	}
 	// Tracing's cost: ours with tracing off and on, alternately.
 	for _, k := range []string{"one", "inflight", "sensors"} {
@@ -305,6 +356,14 @@ func BridgeRows(o Options) ([]Row, error) {
 			return nil, err
 		}
 		rows = append(rows, Row{Name: "tracing on vs off: " + k, Baseline: "tracing off", Base: off, Ours: on, Unit: "rate", Ratio: off/on - 1, Target: 0.10, Spread: spread + " (ratio = slowdown, measured alternately)"})
+		// What the trace context alone costs NATS: the same traffic with
+		// and without a traceparent header, no bridge, no spans.
+		plain, traced := natsRaw[k](false), natsRaw[k](true)
+		off, on, spread, err = o.pair(plain, traced)
+		if err != nil {
+			return nil, err
+		}
+		rows = append(rows, Row{Name: "  reference: raw NATS " + k + ", traceparent header", Baseline: "no header", Base: off, Ours: on, Unit: "rate", Ratio: off/on - 1, Info: true, Spread: spread + " (slowdown from the header alone: the floor of the row above)"})
 	}
 	return rows, nil
 }
