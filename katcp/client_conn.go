@@ -45,8 +45,8 @@ type clientConn struct {
 	byName  map[string][]*call // requests without mid, in send order per name; the head is on the wire
 	at      time.Time
 
-	tmu    sync.Mutex // guards timers
-	timers []*time.Timer
+	tmu       sync.Mutex // guards deadlines
+	deadlines []*deadline
 
 	detected      *ProtocolVersion // owned by readLoop: negotiated, not yet announced
 	sinceDetected int              // owned by readLoop: messages read since
@@ -438,33 +438,55 @@ func joinArgs(args [][]byte) []byte {
 	return b
 }
 
-// roundTrip sends req and waits for its reply or ctx.
-// getTimer returns a timer for d, recycled from this connection's (a
-// stopped timer can be reset safely). Timers stay with their connection,
-// as synctest bubbles require.
-func (cc *clientConn) getTimer(d time.Duration) *time.Timer {
+// deadline ends a call at its timeout. Deadlines are recycled per
+// connection (synctest bubbles want timers to stay with their
+// connection): one whose Stop came too late is not reused, so a firing
+// can only ever abandon the call it was set for.
+type deadline struct {
+	t  *time.Timer
+	cl atomic.Pointer[call]
+	cc *clientConn
+}
+
+func (d *deadline) fire() {
+	if cl := d.cl.Load(); cl != nil {
+		d.cc.abandon(cl, context.DeadlineExceeded)
+	}
+}
+
+// setDeadline arranges for cl to end after timeout; the caller passes
+// the result to stopDeadline once cl is done.
+func (cc *clientConn) setDeadline(cl *call, timeout time.Duration) *deadline {
 	cc.tmu.Lock()
-	if n := len(cc.timers); n > 0 {
-		t := cc.timers[n-1]
-		cc.timers = cc.timers[:n-1]
+	if n := len(cc.deadlines); n > 0 {
+		d := cc.deadlines[n-1]
+		cc.deadlines = cc.deadlines[:n-1]
 		cc.tmu.Unlock()
-		t.Reset(d)
-		return t
+		d.cl.Store(cl)
+		d.t.Reset(timeout)
+		return d
 	}
 	cc.tmu.Unlock()
-	return time.NewTimer(d)
+	d := &deadline{cc: cc}
+	d.cl.Store(cl)
+	d.t = time.AfterFunc(timeout, d.fire)
+	return d
 }
 
-func (cc *clientConn) putTimer(t *time.Timer) {
-	t.Stop()
+func (cc *clientConn) stopDeadline(d *deadline) {
+	if !d.t.Stop() {
+		return // fired, or firing: not reused
+	}
+	d.cl.Store(nil)
 	cc.tmu.Lock()
-	if len(cc.timers) < 256 {
-		cc.timers = append(cc.timers, t)
+	if len(cc.deadlines) < 256 {
+		cc.deadlines = append(cc.deadlines, d)
 	}
 	cc.tmu.Unlock()
 }
 
-// A positive timeout bounds the wait as well as ctx (it then fails with
+// roundTrip sends req and waits for its reply or ctx. A positive timeout
+// bounds the wait as well as ctx (it then fails with
 // context.DeadlineExceeded).
 func (cc *clientConn) roundTrip(ctx context.Context, req Message, timeout time.Duration) (*Reply, error) {
 	direct := cc.active.Add(1) == 1
@@ -476,24 +498,26 @@ func (cc *clientConn) roundTrip(ctx context.Context, req Message, timeout time.D
 	if direct {
 		cc.flushDirect()
 	}
-	var expired <-chan time.Time
 	if timeout > 0 {
-		t := cc.getTimer(timeout)
-		defer cc.putTimer(t)
-		expired = t.C
+		d := cc.setDeadline(cl, timeout)
+		defer cc.stopDeadline(d)
 	}
 	var why error
-	select {
-	case <-cl.done:
-	case <-ctx.Done():
-		why = ctx.Err()
-		cc.abandon(cl, why)
-	case <-expired:
-		why = context.DeadlineExceeded
-		cc.abandon(cl, why)
+	if done := ctx.Done(); done != nil {
+		select {
+		case <-cl.done:
+		case <-done:
+			why = ctx.Err()
+			cc.abandon(cl, why)
+		}
 	}
 	<-cl.done
 	if cl.err == nil && cl.reply == nil {
+		if why == nil {
+			cl.mu.Lock()
+			why = cl.why
+			cl.mu.Unlock()
+		}
 		return nil, why
 	}
 	return cl.reply, cl.err
