@@ -165,7 +165,8 @@ type Client struct {
 	// client without reconnection has lost its connection.
 	stoppedCh chan struct{}
 
-	mu         sync.Mutex // guards the fields below
+	major      atomic.Int32 // the protocol's major version, once known
+	mu         sync.Mutex   // guards the fields below
 	conn       *clientConn
 	info       ProtocolInfo
 	closed     bool
@@ -297,18 +298,8 @@ func (c *Client) Protocol() ProtocolInfo {
 }
 
 // v4 reports whether the current (or last) connection speaks KATCP v4:
-// Protocol without the copying.
-func (c *Client) v4() bool {
-	c.mu.Lock()
-	cc, info := c.conn, c.info
-	c.mu.Unlock()
-	if cc == nil {
-		return info.Version.Major == 4
-	}
-	cc.mu.Lock()
-	defer cc.mu.Unlock()
-	return cc.proto.Major == 4
-}
+// Protocol without the locking and copying.
+func (c *Client) v4() bool { return c.major.Load() == 4 }
 
 // LastError returns why the last connection or connection attempt ended,
 // or nil.

@@ -114,6 +114,7 @@ func (cc *clientConn) setProtocol(v ProtocolVersion) {
 	cc.useMIDs = v.Major >= 5 && v.Has(FlagMessageIDs) && !cc.c.cfg.NoMIDs
 	cc.at = time.Now()
 	cc.mu.Unlock()
+	cc.c.major.Store(int32(v.Major))
 	cc.negOnce.Do(func() { close(cc.negotiated) })
 }
 

@@ -116,8 +116,9 @@ type informHandler struct {
 // slow handler delays the others, and informs beyond ClientConfig.
 // InformQueue are dropped and counted. The client's own handling of
 // #version-connect, #version, #build-state, #disconnect and #log happens
-// whether or not handlers are registered for them. The Message belongs to
-// the handler.
+// whether or not handlers are registered for them. The Message is the
+// handlers' to keep; the handlers of one name (and the client's sensor
+// watchers, for #sensor-status) share it, so none may modify it.
 func (c *Client) HandleInform(name string, h func(Message)) (remove func()) {
 	c.mu.Lock()
 	c.handlerSeq++

@@ -851,3 +851,35 @@ func TestClientRequestFunc(t *testing.T) {
 		}
 	})
 }
+
+func TestClientAfterBatch(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var mu sync.Mutex
+		var seen []string
+		cfg := ClientConfig{AfterBatch: func() {
+			mu.Lock()
+			seen = append(seen, "|")
+			mu.Unlock()
+		}}
+		c, d, _ := connect(t, cfg, aiokatcpHello)
+		c.HandleInform("x", func(m Message) {
+			mu.Lock()
+			seen = append(seen, m.Arg(0))
+			mu.Unlock()
+		})
+		synctest.Wait()
+		mu.Lock()
+		seen = nil
+		mu.Unlock()
+		d.send("#x 1\n#x 2\n#x 3\n")
+		synctest.Wait()
+		mu.Lock()
+		defer mu.Unlock()
+		// Every inform is followed, sooner or later, by the end of its
+		// batch, and a batch ends after its informs.
+		got := strings.Join(seen, "")
+		if !strings.HasPrefix(got, "1") || !strings.HasSuffix(got, "3|") || strings.ReplaceAll(got, "|", "") != "123" {
+			t.Errorf("handlers and batch ends: %q", got)
+		}
+	})
+}

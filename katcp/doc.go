@@ -31,7 +31,7 @@
 //
 // Client talks to one device: NewClient or Dial, then Request (typed
 // *ReplyError for fail and invalid, ErrConnection for connection problems),
-// RequestRaw, RequestStream and Go; HandleInform for asynchronous informs;
+// RequestRaw, RequestStream, Go and RequestFunc; HandleInform for asynchronous informs;
 // SensorList, SensorValues, SetSampling and Watch for sensors. It
 // reconnects with backoff, uses message ids when the device has them, and
 // runs user callbacks off its read loop. README.md in this directory maps

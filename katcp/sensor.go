@@ -223,6 +223,9 @@ func (s *Sensor) check(v any) (typed any, num float64, err error) {
 		if !ok {
 			return bad()
 		}
+		if _, canonical := v.(int64); canonical {
+			return v, float64(n), nil // no second boxing
+		}
 		return n, float64(n), nil
 	case SensorFloat:
 		switch f := v.(type) {
