@@ -446,7 +446,11 @@ func (w *worker) serve(req micro.Request, done func()) {
 			attribute.String("server.address", w.dev.Address),
 			attribute.String("katcp.device", w.dev.Name),
 		))
-	// w.ctx ends in-flight requests on a forced shutdown.
+	// w.ctx ends in-flight requests on a forced shutdown. The reply is
+	// published from the device connection's read goroutine: while NATS
+	// pushes back (nats.go flushes a full buffer in Publish), the
+	// device's later replies and informs wait in TCP, as they would for
+	// any consumer that cannot keep up.
 	w.client.RequestFunc(w.ctx, m, timeout, func(r *katcp.Reply, err error) {
 		if err != nil {
 			kspan.RecordError(err)

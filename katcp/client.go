@@ -63,8 +63,8 @@ type ClientConfig struct {
 	OnConnectFailed func(err error)
 
 	// AfterBatch, if set, is called on the same goroutine after each
-	// batch of informs and events it has handled: the queue is then
-	// momentarily empty, or the batch was long. Handlers that gather work
+	// batch of informs and events it has handled: everything that was
+	// queued when the batch was taken. Handlers that gather work
 	// across informs (publishing in batches, say) finish it there.
 	AfterBatch func()
 

@@ -271,7 +271,10 @@ func (cc *clientConn) readLoop() {
 
 // handleReply completes the matching request.
 func (cc *clientConn) handleReply(m *Message) {
-	cl := cc.popCall(m)
+	cl, unsent, err := cc.popCall(m)
+	if unsent != nil {
+		unsent.finish(nil, err) // not under cc.mu: finish runs callbacks
+	}
 	if cl == nil {
 		cc.c.stats.unexpectedReplies.Add(1)
 		cc.c.log.Warn("katcp: reply matches no request", "name", m.Name, "mid", m.MID)
@@ -285,44 +288,52 @@ func (cc *clientConn) handleReply(m *Message) {
 }
 
 // popCall removes and returns the request a reply answers, and sends the
-// next queued request of the same name when mids are not in use.
-func (cc *clientConn) popCall(m *Message) *call {
+// next queued request of the same name when mids are not in use; unsent
+// is that request if it could not be sent, with why.
+func (cc *clientConn) popCall(m *Message) (cl, unsent *call, err error) {
 	cc.mu.Lock()
 	defer cc.mu.Unlock()
 	if m.MID != 0 {
 		cl := cc.byMID[m.MID]
 		if cl == nil || cl.name != m.Name {
-			return nil
+			return nil, nil, nil
 		}
 		delete(cc.byMID, m.MID)
-		return cl
+		return cl, nil, nil
 	}
 	q := cc.byName[m.Name]
 	if len(q) == 0 {
-		return nil
+		return nil, nil, nil
 	}
-	cl := q[0]
+	cl = q[0]
 	q = q[1:]
 	if len(q) == 0 {
 		delete(cc.byName, m.Name)
 	} else {
 		cc.byName[m.Name] = q
-		cc.sendHeadLocked(q)
+		unsent, err = cc.sendHeadLocked(q)
 	}
-	return cl
+	return cl, unsent, err
 }
 
 // sendHeadLocked writes the head of a per-name queue, skipping requests
-// abandoned before they were sent.
-func (cc *clientConn) sendHeadLocked(q []*call) {
+// abandoned before they were sent. A head that cannot be sent is taken
+// off the queue and returned with why, for the caller to finish once it
+// has released cc.mu.
+func (cc *clientConn) sendHeadLocked(q []*call) (unsent *call, err error) {
 	for len(q) > 0 {
 		head := q[0]
 		if !head.abandoned() {
 			head.sent = true
 			if err := cc.send(&head.req); err != nil {
-				head.finish(nil, err)
+				if rest := q[1:]; len(rest) == 0 {
+					delete(cc.byName, head.name)
+				} else {
+					cc.byName[head.name] = rest // the connection is failing: shutdown ends them
+				}
+				return head, err
 			}
-			return
+			return nil, nil
 		}
 		q = q[1:]
 		if len(q) == 0 {
@@ -331,6 +342,7 @@ func (cc *clientConn) sendHeadLocked(q []*call) {
 			cc.byName[head.name] = q
 		}
 	}
+	return nil, nil
 }
 
 // handleInform routes an inform to the request it belongs to, to the
@@ -592,7 +604,7 @@ func (cc *clientConn) register(cl *call, direct bool) error {
 // (Client.Disconnect).
 func (cc *clientConn) abandon(cl *call, why error) {
 	cl.mu.Lock()
-	if !cl.abandoned() {
+	if !cl.abandoned() && cl.why == nil { // the first reason wins
 		cl.why = why
 	}
 	cl.mu.Unlock()

@@ -152,7 +152,8 @@ func (s SyncState) String() string {
 // SensorUpdate is a reading delivered by a SensorWatcher, with its value
 // decoded by the sensor's type (see SensorInfo.Decode). Value is nil when
 // the status carries no valid value or the value does not decode; Err
-// then says why, for the latter.
+// then says why, for the latter. Reading.Value, the raw bytes, may be
+// shared with other watchers: read it, do not modify it.
 type SensorUpdate struct {
 	Reading
 	Type  SensorType
@@ -353,7 +354,8 @@ func (w *SensorWatcher) setState(s SyncState, err error) {
 func (w *SensorWatcher) onStatus(m Message) {
 	v4 := w.c.v4()
 	err := eachReading(m.Args, v4, func(_ int, name []byte, ts time.Time, st Status, value []byte) {
-		// m is this watcher's own copy: the reading may keep its bytes.
+		// m is the client's copy, shared by the handlers of
+		// #sensor-status and never modified: the reading keeps its bytes.
 		w.deliver(name, Reading{Timestamp: ts, Status: st, Value: value}, v4)
 	})
 	if err != nil {

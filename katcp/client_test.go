@@ -883,3 +883,39 @@ func TestClientAfterBatch(t *testing.T) {
 		}
 	})
 }
+
+// A request that cannot be sent when its turn comes (no message ids, the
+// write buffer overflows) is finished outside the connection's lock: its
+// callback may call the client again.
+func TestClientRequestFuncCallbackReentersClient(t *testing.T) {
+	c, d, _ := connect(t, ClientConfig{NoMIDs: true, MaxWriteBuffer: 1024}, aiokatcpHello)
+	first := make(chan error, 1)
+	second := make(chan error, 1)
+	m1, _ := NewRequest("x")
+	m2, _ := NewRequest("x", strings.Repeat("z", 2000))
+	c.RequestFunc(context.Background(), m1, time.Minute, func(r *Reply, err error) { first <- err })
+	d.expect("?x\n")
+	c.RequestFunc(context.Background(), m2, time.Minute, func(r *Reply, err error) {
+		m3, _ := NewRequest("y") // a retry, say
+		c.RequestFunc(context.Background(), m3, time.Second, func(*Reply, error) {})
+		second <- err
+	})
+	go d.send("!x ok\n") // sending the queued ?x overflows the write buffer
+	deadline := time.After(10 * time.Second)
+	select {
+	case err := <-first:
+		if err != nil {
+			t.Errorf("first: %v", err)
+		}
+	case <-deadline:
+		t.Fatal("the first request was never answered")
+	}
+	select {
+	case err := <-second:
+		if !errors.Is(err, ErrWriteOverflow) {
+			t.Errorf("second: %v, want the overflow", err)
+		}
+	case <-deadline:
+		t.Fatal("deadlock: a callback re-entering the client")
+	}
+}
