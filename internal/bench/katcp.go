@@ -3,6 +3,7 @@ package bench
 import (
 	"context"
 	"fmt"
+	"math"
 	"net"
 	"strconv"
 	"sync/atomic"
@@ -120,13 +121,14 @@ func SensorFlatOut(d time.Duration) (float64, error) {
 		return 0, err
 	}
 	defer c.Close()
-	var got atomic.Int64
-	c.HandleInform("sensor-status", func(m katcp.Message) { got.Add(1) })
+	p := newPacer()
+	c.HandleInform("sensor-status", func(m katcp.Message) { p.received() })
 	if err := c.SetSampling(context.Background(), []string{"s.0"}, katcp.StrategyEvent); err != nil {
 		return 0, err
 	}
 	s, _ := dev.srv.Sensors().Get("s.0")
-	return flatOut(d, &got, func(i int64) { s.Set(i) }), nil
+	r, _ := paced(d, p, math.MaxInt64, func(i int64) { s.Set(i) }) // flat out: no window
+	return r, nil
 }
 
 // Sensors20k measures bulk-subscribing 20k sensors and ?sensor-list of 20k.
@@ -179,35 +181,6 @@ func Sensors20k(o Options) (Row, Row, error) {
 	return Row{Name: "server: bulk-subscribe 20k sensors", Ours: sub, Unit: "s", Ratio: sub, Target: 0.2, Spread: subSpread},
 		Row{Name: "server: ?sensor-list of 20k sensors", Ours: list, Unit: "s", Ratio: list, Target: 0.04, Spread: listSpread},
 		nil
-}
-
-// flatOut runs produce(i) for i = 1, 2, ... as fast as it can and returns
-// how many items per second got counted while it ran for d (after a
-// warm-up of d/10).
-func flatOut(d time.Duration, got *atomic.Int64, produce func(i int64)) float64 {
-	stop := make(chan struct{})
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for i := int64(1); ; i++ {
-			if i%1024 == 0 {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-			}
-			produce(i)
-		}
-	}()
-	time.Sleep(d / 10) // warm up
-	start, n0 := time.Now(), got.Load()
-	time.Sleep(d)
-	n := got.Load() - n0
-	elapsed := time.Since(start)
-	close(stop)
-	<-done
-	return float64(n) / elapsed.Seconds()
 }
 
 // pacer counts the items a consumer receives and wakes a producer that
