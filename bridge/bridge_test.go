@@ -659,3 +659,34 @@ func TestBridgePublishSpans(t *testing.T) {
 		t.Errorf("%d messages, want the updates and the inform", got)
 	}
 }
+
+// A Shutdown whose context ends with requests in flight ends them at
+// once: their callers get the not-served error, and Shutdown says so.
+func TestBridgeForcedShutdownEndsRequests(t *testing.T) {
+	f := startBridge(t, 0, nil)
+	got := make(chan *nats.Msg, 1)
+	go func() {
+		m, err := f.nc.Request("katcp.m000.req.slow", nil, 30*time.Second)
+		if err != nil {
+			t.Errorf("slow request: %v", err)
+		}
+		got <- m
+	}()
+	waitFor(t, "the request in flight", func() bool {
+		var b strings.Builder
+		f.b.Metrics().WritePrometheus(&b)
+		return strings.Contains(b.String(), "katcp_bridge_requests_in_flight 1\n")
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := f.b.Shutdown(ctx); err == nil || !strings.Contains(err.Error(), "in flight") {
+		t.Errorf("Shutdown: %v, want requests still in flight", err)
+	}
+	m := <-got
+	if m == nil {
+		return
+	}
+	if m.Header.Get(bridge.HeaderNotServed) != "true" || m.Header.Get(bridge.HeaderErrorCode) != "503" {
+		t.Errorf("reply headers %v", m.Header)
+	}
+}

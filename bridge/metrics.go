@@ -3,8 +3,8 @@ package bridge
 import (
 	"fmt"
 	"io"
+	"maps"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -30,14 +30,33 @@ type Metrics struct {
 	leasesReleased     atomic.Uint64
 	leaseRenewFailures atomic.Uint64
 
+	mu      sync.Mutex
+	devices map[string]*deviceStats
+}
+
+// deviceStats are one device's request counters, under their own lock:
+// devices' requests do not contend for one.
+type deviceStats struct {
 	mu       sync.Mutex
-	requests map[[2]string]uint64 // device, status -> count
-	duration map[string]*histogram
+	requests map[string]uint64 // status -> count
+	duration histogram
 }
 
 // NewMetrics returns empty metrics.
 func NewMetrics() *Metrics {
-	return &Metrics{requests: map[[2]string]uint64{}, duration: map[string]*histogram{}}
+	return &Metrics{devices: map[string]*deviceStats{}}
+}
+
+// device returns a device's counters, created on first use.
+func (m *Metrics) device(name string) *deviceStats {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	d := m.devices[name]
+	if d == nil {
+		d = &deviceStats{requests: map[string]uint64{}}
+		m.devices[name] = d
+	}
+	return d
 }
 
 // histogram buckets request durations in seconds.
@@ -49,15 +68,12 @@ type histogram struct {
 
 var buckets = [...]float64{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}
 
-func (m *Metrics) request(device, status string, d time.Duration) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.requests[[2]string{device, status}]++
-	h := m.duration[device]
-	if h == nil {
-		h = &histogram{}
-		m.duration[device] = h
-	}
+// request counts a request that ended with status after d.
+func (ds *deviceStats) request(status string, d time.Duration) {
+	ds.mu.Lock()
+	defer ds.mu.Unlock()
+	ds.requests[status]++
+	h := &ds.duration
 	s := d.Seconds()
 	i := 0
 	for i < len(buckets) && s > buckets[i] {
@@ -79,9 +95,10 @@ func (m *Metrics) SetNATSConnected(up bool) {
 
 // Requests returns how many requests to device ended with status.
 func (m *Metrics) Requests(device, status string) uint64 {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.requests[[2]string{device, status}]
+	ds := m.device(device)
+	ds.mu.Lock()
+	defer ds.mu.Unlock()
+	return ds.requests[status]
 }
 
 // SensorUpdates returns how many sensor updates were published.
@@ -129,32 +146,47 @@ func (m *Metrics) WritePrometheus(w io.Writer) {
 	counter("katcp_bridge_lease_renew_failures_total", "Lease or heartbeat writes that failed.", m.leaseRenewFailures.Load())
 
 	m.mu.Lock()
-	defer m.mu.Unlock()
-	fmt.Fprintf(w, "# HELP katcp_bridge_requests_total Requests by device and outcome.\n# TYPE katcp_bridge_requests_total counter\n")
-	keys := make([][2]string, 0, len(m.requests))
-	for k := range m.requests {
-		keys = append(keys, k)
+	names := make([]string, 0, len(m.devices))
+	for name := range m.devices {
+		names = append(names, name)
 	}
-	slices.SortFunc(keys, func(a, b [2]string) int { return strings.Compare(a[0]+"\x00"+a[1], b[0]+"\x00"+b[1]) })
-	for _, k := range keys {
-		fmt.Fprintf(w, "katcp_bridge_requests_total{device=%q,status=%q} %d\n", k[0], k[1], m.requests[k])
+	devs := make(map[string]*deviceStats, len(m.devices))
+	maps.Copy(devs, m.devices)
+	m.mu.Unlock()
+	slices.Sort(names)
+	type snapshot struct {
+		statuses []string
+		requests map[string]uint64
+		duration histogram
+	}
+	snaps := make([]snapshot, len(names))
+	for i, name := range names {
+		ds := devs[name]
+		ds.mu.Lock()
+		snaps[i] = snapshot{requests: maps.Clone(ds.requests), duration: ds.duration}
+		ds.mu.Unlock()
+		snaps[i].statuses = slices.Sorted(maps.Keys(snaps[i].requests))
+	}
+	fmt.Fprintf(w, "# HELP katcp_bridge_requests_total Requests by device and outcome.\n# TYPE katcp_bridge_requests_total counter\n")
+	for i, name := range names {
+		for _, st := range snaps[i].statuses {
+			fmt.Fprintf(w, "katcp_bridge_requests_total{device=%q,status=%q} %d\n", name, st, snaps[i].requests[st])
+		}
 	}
 	fmt.Fprintf(w, "# HELP katcp_bridge_request_duration_seconds Time from NATS request to reply.\n# TYPE katcp_bridge_request_duration_seconds histogram\n")
-	devs := make([]string, 0, len(m.duration))
-	for d := range m.duration {
-		devs = append(devs, d)
-	}
-	slices.Sort(devs)
-	for _, d := range devs {
-		h := m.duration[d]
+	for i, name := range names {
+		h := snaps[i].duration
+		if h.n == 0 {
+			continue
+		}
 		var cum uint64
-		for i, b := range buckets {
-			cum += h.counts[i]
-			fmt.Fprintf(w, "katcp_bridge_request_duration_seconds_bucket{device=%q,le=\"%g\"} %d\n", d, b, cum)
+		for j, b := range buckets {
+			cum += h.counts[j]
+			fmt.Fprintf(w, "katcp_bridge_request_duration_seconds_bucket{device=%q,le=\"%g\"} %d\n", name, b, cum)
 		}
 		cum += h.counts[len(buckets)]
-		fmt.Fprintf(w, "katcp_bridge_request_duration_seconds_bucket{device=%q,le=\"+Inf\"} %d\n", d, cum)
-		fmt.Fprintf(w, "katcp_bridge_request_duration_seconds_sum{device=%q} %g\n", d, h.sum)
-		fmt.Fprintf(w, "katcp_bridge_request_duration_seconds_count{device=%q} %d\n", d, h.n)
+		fmt.Fprintf(w, "katcp_bridge_request_duration_seconds_bucket{device=%q,le=\"+Inf\"} %d\n", name, cum)
+		fmt.Fprintf(w, "katcp_bridge_request_duration_seconds_sum{device=%q} %g\n", name, h.sum)
+		fmt.Fprintf(w, "katcp_bridge_request_duration_seconds_count{device=%q} %d\n", name, h.n)
 	}
 }

@@ -32,8 +32,9 @@ type worker struct {
 
 	loopWG sync.WaitGroup // loop, while it runs
 
-	sensorPubs *pubBatch // sensor updates' publications
-	informPubs *pubBatch // informs' publications
+	stats      *deviceStats // the device's request counters
+	sensorPubs *pubBatch    // sensor updates' publications
+	informPubs *pubBatch    // informs' publications
 
 	sensorSubjects sync.Map     // sensor name -> its subject
 	nSubjects      atomic.Int32 // entries in sensorSubjects
@@ -69,6 +70,7 @@ func newWorker(b *Bridge, d Device) (*worker, error) {
 		}
 		w.subs = append(w.subs, c)
 	}
+	w.stats = b.metrics.device(d.Name)
 	w.sensorPubs = newPubBatch(b, d.Name, "publish katcp.{device}.sensor", b.scheme.Device("{device}")+".sensor.{sensor}")
 	w.informPubs = newPubBatch(b, d.Name, "publish katcp.{device}.inform", b.scheme.Device("{device}")+".inform.{inform}")
 	w.state = Status{Device: d.Name, State: "disconnected", Since: now(), Reason: "not yet connected", Address: d.Address, Owner: b.instance, Leases: b.leasesOn.Load()}
@@ -228,7 +230,9 @@ func (w *worker) stopStatusRequests() {
 	}
 }
 
-func (w *worker) cancelRequests() { w.cancel() }
+// cancelRequests ends the requests in flight at once (they get the
+// not-served error): the device connection is closed under them.
+func (w *worker) cancelRequests() { w.abort() }
 
 // abort cancels the requests and closes the device connection at once,
 // without waiting for anything (stop still has to be called).
@@ -361,7 +365,7 @@ func (w *worker) allowed(name string) bool {
 func (w *worker) handle(req micro.Request) {
 	b := w.b
 	if !w.take() {
-		b.metrics.request(w.dev.Name, "not-served", 0)
+		w.stats.request("not-served", 0)
 		b.respond(context.Background(), req, nil, "", errNotServed(w.dev.Name, "it is moving to another bridge replica"))
 		return
 	}
@@ -369,7 +373,7 @@ func (w *worker) handle(req micro.Request) {
 	case w.sem <- struct{}{}:
 	default:
 		w.reqWG.Done()
-		b.metrics.request(w.dev.Name, "busy", 0)
+		w.stats.request("busy", 0)
 		b.respond(context.Background(), req, nil, "", &errorReply{code: 503, source: "bridge",
 			text: fmt.Sprintf("device %s has %d requests in flight; try again", w.dev.Name, cap(w.sem))})
 		return
@@ -377,7 +381,7 @@ func (w *worker) handle(req micro.Request) {
 	if !b.track() {
 		<-w.sem
 		w.reqWG.Done()
-		b.metrics.request(w.dev.Name, "not-served", 0)
+		w.stats.request("not-served", 0)
 		b.respond(context.Background(), req, nil, "", errNotServed(w.dev.Name, "the bridge replica is shutting down"))
 		return
 	}
@@ -426,7 +430,7 @@ func (w *worker) serve(req micro.Request, done func()) {
 				outcome = fmt.Sprintf("error-%d", er.code)
 			}
 		}
-		b.metrics.request(w.dev.Name, outcome, time.Since(start))
+		w.stats.request(outcome, time.Since(start))
 		if err := b.respond(ctx, req, body, status, er); err != nil {
 			b.log.Warn("bridge: could not send a reply", "device", w.dev.Name, "request", name, "err", err)
 		}
@@ -446,17 +450,20 @@ func (w *worker) serve(req micro.Request, done func()) {
 			attribute.String("server.address", w.dev.Address),
 			attribute.String("katcp.device", w.dev.Name),
 		))
-	// w.ctx ends in-flight requests on a forced shutdown. The reply is
-	// published from the device connection's read goroutine: while NATS
-	// pushes back (nats.go flushes a full buffer in Publish), the
-	// device's later replies and informs wait in TCP, as they would for
-	// any consumer that cannot keep up.
-	w.client.RequestFunc(w.ctx, m, timeout, func(r *katcp.Reply, err error) {
+	// The reply is published from the device connection's read
+	// goroutine: while NATS pushes back (nats.go flushes a full buffer in
+	// Publish), the device's later replies and informs wait in TCP, as
+	// they would for any consumer that cannot keep up.
+	w.client.RequestFunc(context.Background(), m, timeout, func(r *katcp.Reply, err error) {
 		if err != nil {
 			kspan.RecordError(err)
 			kspan.SetStatus(codes.Error, err.Error())
 			kspan.End()
-			finish(nil, "", errorFor(err, w.dev.Name, timeout))
+			er := errorFor(err, w.dev.Name, timeout)
+			if w.ctx.Err() != nil { // a forced stop closed the connection under it
+				er = errorFor(context.Canceled, w.dev.Name, timeout)
+			}
+			finish(nil, "", er)
 			return
 		}
 		kspan.SetAttributes(attribute.Int("katcp.mid", r.MID), attribute.String("katcp.status", r.Status()), attribute.Int("katcp.informs", len(r.Informs)))

@@ -312,18 +312,18 @@ func (c *Client) RequestFunc(ctx context.Context, m Message, timeout time.Durati
 		fail(err)
 		return
 	}
-	var t *time.Timer
+	var d *deadline
 	if timeout > 0 {
-		t = time.AfterFunc(timeout, func() { cc.abandon(cl, context.DeadlineExceeded) })
+		d = cc.setDeadline(cl, timeout)
 	}
 	stop := func() bool { return false }
 	if ctx.Done() != nil {
 		stop = context.AfterFunc(ctx, func() { cc.abandon(cl, ctx.Err()) })
 	}
-	if t != nil || ctx.Done() != nil {
+	if d != nil || ctx.Done() != nil {
 		cl.setCleanup(func() {
-			if t != nil {
-				t.Stop()
+			if d != nil {
+				cc.stopDeadline(d)
 			}
 			stop()
 		})
