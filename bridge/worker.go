@@ -38,6 +38,8 @@ type worker struct {
 
 	sensorSubjects sync.Map     // sensor name -> its subject
 	nSubjects      atomic.Int32 // entries in sensorSubjects
+	spanNames      sync.Map     // request name -> its hop span's name
+	nSpanNames     atomic.Int32 // names made (bounds spanNames)
 	statSub        *nats.Subscription
 
 	tried   atomic.Bool    // a first connection attempt has ended
@@ -394,6 +396,26 @@ func (w *worker) handle(req micro.Request) {
 	})
 }
 
+// Span kinds, as variables: no slice to build per request.
+var (
+	serverSpan = []trace.SpanStartOption{trace.WithSpanKind(trace.SpanKindServer)}
+	clientSpan = []trace.SpanStartOption{trace.WithSpanKind(trace.SpanKindClient)}
+)
+
+// hopSpanName returns "katcp <request>", the name of the KATCP hop's span,
+// made once per request name (the names are the device's, which prepare
+// has checked when the device's list is known).
+func (w *worker) hopSpanName(request string) string {
+	if s, ok := w.spanNames.Load(request); ok {
+		return s.(string)
+	}
+	s := "katcp " + request
+	if w.nSpanNames.Add(1) <= maxSubjects {
+		w.spanNames.Store(request, s)
+	}
+	return s
+}
+
 // bigReply is the number of in-response informs above which a reply is
 // encoded and sent on its own goroutine rather than the device
 // connection's read goroutine.
@@ -408,14 +430,15 @@ func (w *worker) serve(req micro.Request, done func()) {
 	ctx := Extract(context.Background(), b.prop, nats.Header(req.Headers()))
 	p, perr := b.scheme.Parse(req.Subject())
 	name := p.Name
-	ctx, span := b.tracer.Start(ctx, "process katcp.{device}.req.{request}",
-		trace.WithSpanKind(trace.SpanKindServer),
-		trace.WithAttributes(
+	ctx, span := b.tracer.Start(ctx, "process katcp.{device}.req.{request}", serverSpan...)
+	if span.IsRecording() { // no attributes to build for a span nobody records
+		span.SetAttributes(
 			attribute.String("messaging.system", "nats"),
 			attribute.String("messaging.operation.type", "process"),
 			attribute.String("katcp.device", w.dev.Name),
 			attribute.String("katcp.request", name),
-		))
+		)
+	}
 	finish := func(body []byte, status string, er *errorReply) {
 		defer done()
 		defer span.End()
@@ -442,14 +465,15 @@ func (w *worker) serve(req micro.Request, done func()) {
 		return
 	}
 	asJSON := strings.HasPrefix(req.Headers().Get(HeaderAccept), ContentJSON)
-	_, kspan := b.tracer.Start(ctx, "katcp "+p.Name,
-		trace.WithSpanKind(trace.SpanKindClient),
-		trace.WithAttributes(
+	_, kspan := b.tracer.Start(ctx, w.hopSpanName(p.Name), clientSpan...)
+	if kspan.IsRecording() {
+		kspan.SetAttributes(
 			attribute.String("rpc.system", "katcp"),
 			attribute.String("rpc.method", p.Name),
 			attribute.String("server.address", w.dev.Address),
 			attribute.String("katcp.device", w.dev.Name),
-		))
+		)
+	}
 	// The reply is published from the device connection's read
 	// goroutine: while NATS pushes back (nats.go flushes a full buffer in
 	// Publish), the device's later replies and informs wait in TCP, as
@@ -466,7 +490,9 @@ func (w *worker) serve(req micro.Request, done func()) {
 			finish(nil, "", er)
 			return
 		}
-		kspan.SetAttributes(attribute.Int("katcp.mid", r.MID), attribute.String("katcp.status", r.Status()), attribute.Int("katcp.informs", len(r.Informs)))
+		if kspan.IsRecording() {
+			kspan.SetAttributes(attribute.Int("katcp.mid", r.MID), attribute.String("katcp.status", r.Status()), attribute.Int("katcp.informs", len(r.Informs)))
+		}
 		if !r.OK() {
 			kspan.SetStatus(codes.Error, r.Status())
 		}
