@@ -90,6 +90,9 @@ type call struct {
 	why     error               // guarded by mu: why an abandoned call ended
 	cleanup func()              // guarded by mu; run once the call is finished
 	then    func(*Reply, error) // RequestFunc's callback; set before the call starts
+	// RequestFunc's timer and ctx hook, stopped by finish (guarded by mu).
+	deadline *deadline
+	stopCtx  func() bool
 }
 
 // setCleanup arranges for f to run when the call finishes (at once if it
@@ -127,6 +130,8 @@ func (cl *call) finish(reply *Reply, err error) {
 	cl.informs = nil
 	cleanup := cl.cleanup
 	cl.cleanup = nil
+	d, stop := cl.deadline, cl.stopCtx
+	cl.deadline, cl.stopCtx = nil, nil
 	cl.reply, cl.err = reply, err
 	why := cl.why
 	cl.mu.Unlock()
@@ -134,9 +139,18 @@ func (cl *call) finish(reply *Reply, err error) {
 	if cleanup != nil {
 		cleanup()
 	}
+	if d != nil {
+		d.cc.stopDeadline(d)
+	}
+	if stop != nil {
+		stop()
+	}
 	if cl.then != nil {
 		if reply == nil && err == nil {
 			err = why
+		}
+		if err != nil {
+			err = fmt.Errorf("katcp: ?%s: %w", cl.name, err)
 		}
 		cl.then(reply, err)
 	}
@@ -283,7 +297,6 @@ func (c *Client) streamTrip(ctx context.Context, cc *clientConn, m Message, onIn
 // context deadline. With neither a timeout nor a deadline on ctx, the
 // device's ?request-timeout-hint or ClientConfig.RequestTimeout applies.
 func (c *Client) RequestFunc(ctx context.Context, m Message, timeout time.Duration, f func(*Reply, error)) {
-	fail := func(err error) { f(nil, fmt.Errorf("katcp: ?%s: %w", m.Name, err)) }
 	if m.Type != TypeRequest {
 		f(nil, fmt.Errorf("%w: want a request, got a %s", ErrBadType, m.Type))
 		return
@@ -294,39 +307,37 @@ func (c *Client) RequestFunc(ctx context.Context, m Message, timeout time.Durati
 	}
 	cc, err := c.current()
 	if err != nil {
-		fail(err)
+		f(nil, fmt.Errorf("katcp: ?%s: %w", m.Name, err))
 		return
 	}
 	if _, ok := ctx.Deadline(); !ok && timeout <= 0 {
 		timeout = c.timeoutFor(m.Name)
 	}
 	cl := newCall(m, nil)
-	cl.then = func(r *Reply, err error) {
-		if err != nil {
-			fail(err)
-			return
-		}
-		f(r, nil)
-	}
+	cl.then = f
 	if err := cc.register(cl, false); err != nil {
-		fail(err)
+		f(nil, fmt.Errorf("katcp: ?%s: %w", m.Name, err))
 		return
 	}
 	var d *deadline
 	if timeout > 0 {
 		d = cc.setDeadline(cl, timeout)
 	}
-	stop := func() bool { return false }
+	var stop func() bool
 	if ctx.Done() != nil {
 		stop = context.AfterFunc(ctx, func() { cc.abandon(cl, ctx.Err()) })
 	}
-	if d != nil || ctx.Done() != nil {
-		cl.setCleanup(func() {
-			if d != nil {
-				cc.stopDeadline(d)
-			}
-			stop()
-		})
+	cl.mu.Lock()
+	if !cl.abandoned() {
+		cl.deadline, cl.stopCtx = d, stop // finish stops them
+		d, stop = nil, nil
+	}
+	cl.mu.Unlock()
+	if d != nil { // finished already
+		cc.stopDeadline(d)
+	}
+	if stop != nil {
+		stop()
 	}
 }
 
