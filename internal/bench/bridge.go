@@ -54,7 +54,11 @@ func rawNATSResponder(url, subject string) (*nats.Conn, error) {
 // (a writer goroutine sends what has gathered in one write), with one
 // goroutine per connection answering the replies in order. It is the two
 // hops with nothing else: no KATCP, no headers, no spans.
-func idealPipelined(url, subject, echoAddr string, n int) (func(), error) {
+//
+// With contract, the replies carry the Katcp-Status header, as the
+// bridge's do, and informs from the far end (a KATCP device's greeting)
+// are skipped.
+func idealPipelined(url, subject, echoAddr string, n int, contract bool) (func(), error) {
 	nc, err := nats.Connect(url)
 	if err != nil {
 		return nil, err
@@ -125,7 +129,12 @@ func idealPipelined(url, subject, echoAddr string, n int) (func(), error) {
 				if err != nil {
 					return
 				}
-				nc.Publish(<-replies, l)
+				switch {
+				case !contract:
+					nc.Publish(<-replies, l)
+				case l[0] == '!':
+					nc.PublishMsg(&nats.Msg{Subject: <-replies, Data: l, Header: nats.Header{bridge.HeaderStatus: {"ok"}}})
+				}
 			}
 		}()
 	}
@@ -343,11 +352,21 @@ func BridgeRows(o Options) ([]Row, error) {
 		return nil, err
 	}
 	defer raw.Close()
-	stopPipelined, err := idealPipelined(url, "idealp", echo.Addr(), 10)
+	stopPipelined, err := idealPipelined(url, "idealp", echo.Addr(), 10, false)
 	if err != nil {
 		return nil, err
 	}
 	defer stopPipelined()
+	kdev, err := startDevice(0)
+	if err != nil {
+		return nil, err
+	}
+	defer kdev.close()
+	stopContract, err := idealPipelined(url, "idealk", kdev.addr, 10, true)
+	if err != nil {
+		return nil, err
+	}
+	defer stopContract()
 	rawTraced, err := rawNATSTracedResponder(url, "raw.traced")
 	if err != nil {
 		return nil, err
@@ -365,10 +384,11 @@ func BridgeRows(o Options) ([]Row, error) {
 		return nil, err
 	}
 	defer bb.close()
-	var tenSubjects, idealSubjects [10]string
+	var tenSubjects, idealSubjects, contractSubjects [10]string
 	for i := range tenSubjects {
 		tenSubjects[i] = fmt.Sprintf("katcp.d%03d.req.echo", i)
 		idealSubjects[i] = fmt.Sprintf("idealp.%d", i)
+		contractSubjects[i] = fmt.Sprintf("idealk.%d", i)
 	}
 	var delivered float64
 	ours := map[string]func() (float64, error){
@@ -420,6 +440,17 @@ func BridgeRows(o Options) ([]Row, error) {
 					return nil, err
 				}
 				rows = append(rows, Row{Name: "  reference: ideal bridge, pipelined, 100 in flight", Baseline: "raw NATS 100 in flight", Base: b, Ours: u, Unit: "req/s", Ratio: u / b, Info: true, Spread: spread + " (two hops and nothing else: the ceiling of the row above)"})
+				// The same with what the contract and the row add: the
+				// Katcp-Status header on replies, a KATCP device.
+				b, u, spread, err = o.pair(
+					func() (float64, error) { return natsRequests(url, "raw.req", o.Duration, 100, nil) },
+					func() (float64, error) {
+						return natsRequests(url, "", o.Duration, 100, func(i int) string { return contractSubjects[i%10] })
+					})
+				if err != nil {
+					return nil, err
+				}
+				rows = append(rows, Row{Name: "  reference: the same, status header, KATCP device", Baseline: "raw NATS 100 in flight", Base: b, Ours: u, Unit: "req/s", Ratio: u / b, Info: true, Spread: spread + " (the ceiling with the reply header the contract requires and our katcp.Server as the device)"})
 			}
 		}
 		if o.wants("sensors") {
