@@ -97,7 +97,9 @@
 //   - writes its heartbeat and watches the whole bucket;
 //   - takes a free device with Create when the device is placed on it
 //     (rendezvous hashing over the live replicas, at most ceil(N/R) per
-//     replica), or when the device has stayed free for half a TTL;
+//     replica), or when the device has stayed free for half a TTL; a
+//     Create whose answer is lost is checked against the bucket (a lease
+//     that is ours byte for byte is taken, not left to expire unserved);
 //   - renews its leases every Config.LeaseRenew with compare-and-set on
 //     the revision; a refused renewal, or a lease it could not renew for
 //     TTL minus a quarter TTL (measured from when it sent the last

@@ -1,6 +1,7 @@
 package bridge
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -49,6 +50,9 @@ type Lease struct {
 	Instance string  `json:"instance"` // its instance name
 	Since    float64 `json:"since"`    // when it took the device (Unix seconds)
 }
+
+// leaseKVHook, when set (by tests), wraps the lease bucket.
+var leaseKVHook func(jetstream.KeyValue) jetstream.KeyValue
 
 // Replica is the value of a replica's heartbeat key.
 type Replica struct {
@@ -190,6 +194,9 @@ func (b *Bridge) setupLeases(ctx context.Context) (l *leases, notAvailable bool,
 		na := errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount) ||
 			errors.Is(err, nats.ErrNoResponders)
 		return nil, na, fmt.Errorf("lease bucket %s: %w", b.cfg.LeaseBucket, err)
+	}
+	if leaseKVHook != nil {
+		kv = leaseKVHook(kv)
 	}
 	devices := slices.Sorted(maps.Keys(b.devices))
 	return &leases{
@@ -723,8 +730,12 @@ func (l *leases) reconcile(ctx context.Context) {
 	for _, dev := range take {
 		sent := time.Now()
 		cctx, cancel := context.WithTimeout(ctx, l.wait())
-		rev, err := l.kv.Create(cctx, deviceKeyPrefix+dev, l.leaseDoc(sent), jetstream.KeyTTL(l.ttl))
+		doc := l.leaseDoc(sent)
+		rev, err := l.kv.Create(cctx, deviceKeyPrefix+dev, doc, jetstream.KeyTTL(l.ttl))
 		cancel()
+		if err != nil && !errors.Is(err, jetstream.ErrKeyExists) && !conflict(err) {
+			rev, err = l.confirm(ctx, dev, doc, err)
+		}
 		if err != nil {
 			if !errors.Is(err, jetstream.ErrKeyExists) && !conflict(err) {
 				l.log.Warn("leases: could not take a device", "device", dev, "err", err)
@@ -754,6 +765,20 @@ func (l *leases) reconcile(ctx context.Context) {
 			l.released <- handedOver{dev, h}
 		}()
 	}
+}
+
+// confirm looks for the lease a Create that failed with err may have
+// written all the same (its answer lost, say): a lease that is ours byte
+// for byte is ours, and is taken rather than left to expire unserved.
+func (l *leases) confirm(ctx context.Context, dev string, doc []byte, err error) (uint64, error) {
+	gctx, cancel := context.WithTimeout(ctx, l.wait())
+	defer cancel()
+	e, gerr := l.kv.Get(gctx, deviceKeyPrefix+dev)
+	if gerr != nil || !bytes.Equal(e.Value(), doc) {
+		return 0, err
+	}
+	l.log.Info("leases: a device's lease was written although the answer was lost", "device", dev, "err", err)
+	return e.Revision(), nil
 }
 
 // deleteLease releases a lease this replica holds, with compare-and-set:

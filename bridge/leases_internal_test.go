@@ -346,3 +346,53 @@ func TestLeaseKeptWhileWorkerCloses(t *testing.T) {
 		t.Errorf("%d connections at once", p)
 	}
 }
+
+// lostAnswerKV writes the first lease it is asked to create but reports a
+// timeout, as when the answer is lost on the way back.
+type lostAnswerKV struct {
+	jetstream.KeyValue
+	mu    sync.Mutex
+	first uint64 // the revision written by the first Create
+}
+
+func (kv *lostAnswerKV) Create(ctx context.Context, key string, value []byte, opts ...jetstream.KVCreateOpt) (uint64, error) {
+	rev, err := kv.KeyValue.Create(ctx, key, value, opts...)
+	kv.mu.Lock()
+	defer kv.mu.Unlock()
+	if err != nil || kv.first != 0 || !strings.HasPrefix(key, deviceKeyPrefix) {
+		return rev, err
+	}
+	kv.first = rev
+	return 0, context.DeadlineExceeded
+}
+
+func TestLeaseWrittenDespiteLostAnswer(t *testing.T) {
+	ns := jetStreamServer(t)
+	dev := katcptest.NewDevice(t, katcp.ServerConfig{})
+	var lost *lostAnswerKV
+	leaseKVHook = func(kv jetstream.KeyValue) jetstream.KeyValue {
+		lost = &lostAnswerKV{KeyValue: kv}
+		return lost
+	}
+	t.Cleanup(func() { leaseKVHook = nil })
+	// A TTL longer than poll waits: the device must be served on the lease
+	// whose answer was lost, not after it expires.
+	b := startTestBridge(t, ns.ClientURL(), Config{Devices: []Device{{Name: "d0", Address: dev.Addr()}}, Leases: LeasesOn,
+		LeaseTTL: time.Minute, LeaseRenew: 100 * time.Millisecond, NoLastValues: true})
+	poll(t, "d0 served", func() bool { return len(b.Serving()) == 1 && dev.Clients() == 1 })
+	lost.mu.Lock()
+	first := lost.first
+	lost.mu.Unlock()
+	if first == 0 {
+		t.Fatal("no lease was created")
+	}
+	if _, acquired, _, _ := b.Metrics().Leases(); acquired != 1 {
+		t.Errorf("%d leases acquired, want 1", acquired)
+	}
+	// Renewals go on from the first lease's revision.
+	kv := leaseBucket(t, ns)
+	poll(t, "the lease renewed", func() bool {
+		e, err := kv.Get(context.Background(), "device.d0")
+		return err == nil && e.Revision() > first
+	})
+}
