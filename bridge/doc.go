@@ -150,7 +150,8 @@
 // span "process katcp.{device}.req.{request}" and a client span
 // "katcp {request}" for the KATCP hop (rpc.system=katcp, rpc.method,
 // server.address, katcp.mid, katcp.status, katcp.informs); the reply
-// carries the context.
+// carries the context. Spans get their attributes once started, and only
+// when they are recorded: a sampler sees a span's name and kind.
 //
 // Published informs and sensor updates get producer spans
 // ("publish katcp.{device}.sensor", "publish katcp.{device}.inform"), one

@@ -95,7 +95,12 @@ func (m *Metrics) SetNATSConnected(up bool) {
 
 // Requests returns how many requests to device ended with status.
 func (m *Metrics) Requests(device, status string) uint64 {
-	ds := m.device(device)
+	m.mu.Lock()
+	ds := m.devices[device]
+	m.mu.Unlock()
+	if ds == nil {
+		return 0
+	}
 	ds.mu.Lock()
 	defer ds.mu.Unlock()
 	return ds.requests[status]

@@ -2,6 +2,7 @@ package bridge
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -39,7 +40,7 @@ type worker struct {
 	sensorSubjects sync.Map     // sensor name -> its subject
 	nSubjects      atomic.Int32 // entries in sensorSubjects
 	spanNames      sync.Map     // request name -> its hop span's name
-	nSpanNames     atomic.Int32 // names made (bounds spanNames)
+	nSpanNames     atomic.Int32 // entries in spanNames
 	statSub        *nats.Subscription
 
 	tried   atomic.Bool    // a first connection attempt has ended
@@ -410,8 +411,10 @@ func (w *worker) hopSpanName(request string) string {
 		return s.(string)
 	}
 	s := "katcp " + request
-	if w.nSpanNames.Add(1) <= maxSubjects {
-		w.spanNames.Store(request, s)
+	if w.nSpanNames.Load() < maxSubjects {
+		if _, loaded := w.spanNames.LoadOrStore(request, s); !loaded {
+			w.nSpanNames.Add(1)
+		}
 	}
 	return s
 }
@@ -480,11 +483,14 @@ func (w *worker) serve(req micro.Request, done func()) {
 	// they would for any consumer that cannot keep up.
 	w.client.RequestFunc(context.Background(), m, timeout, func(r *katcp.Reply, err error) {
 		if err != nil {
-			kspan.RecordError(err)
-			kspan.SetStatus(codes.Error, err.Error())
+			if kspan.IsRecording() {
+				kspan.RecordError(err)
+				kspan.SetStatus(codes.Error, err.Error())
+			}
 			kspan.End()
 			er := errorFor(err, w.dev.Name, timeout)
-			if w.ctx.Err() != nil { // a forced stop closed the connection under it
+			if w.ctx.Err() != nil && (errors.Is(err, katcp.ErrConnection) || errors.Is(err, katcp.ErrClosed)) {
+				// A forced stop closed the connection under it.
 				er = errorFor(context.Canceled, w.dev.Name, timeout)
 			}
 			finish(nil, "", er)
