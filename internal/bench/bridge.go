@@ -37,14 +37,21 @@ func startNATS() (*server.Server, error) {
 	return ns, nil
 }
 
-// rawNATSResponder answers every request on subject with "!echo ok hello".
-func rawNATSResponder(url, subject string) (*nats.Conn, error) {
+// rawNATSResponder answers every request on subject with "!echo ok hello";
+// with traced, each reply has a sampled traceparent header.
+func rawNATSResponder(url, subject string, traced bool) (*nats.Conn, error) {
 	nc, err := nats.Connect(url)
 	if err != nil {
 		return nil, err
 	}
 	reply := []byte("!echo ok hello\n")
-	_, err = nc.Subscribe(subject, func(m *nats.Msg) { m.Respond(reply) })
+	_, err = nc.Subscribe(subject, func(m *nats.Msg) {
+		if traced {
+			m.RespondMsg(&nats.Msg{Data: reply, Header: nats.Header{"traceparent": {sampledParent}}})
+		} else {
+			m.Respond(reply)
+		}
+	})
 	return nc, err
 }
 
@@ -95,6 +102,10 @@ func idealPipelined(url, subject, echoAddr string, n int, contract bool) (func()
 			default:
 			}
 		})
+		if err != nil {
+			stop()
+			return nil, err
+		}
 		wg.Add(1)
 		go func() { // writes what has gathered, in one go
 			defer wg.Done()
@@ -116,10 +127,6 @@ func idealPipelined(url, subject, echoAddr string, n int, contract bool) (func()
 				mu.Unlock()
 			}
 		}()
-		if err != nil {
-			stop()
-			return nil, err
-		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -144,20 +151,6 @@ func idealPipelined(url, subject, echoAddr string, n int, contract bool) (func()
 // sampledParent is a W3C traceparent of a sampled trace, as a traced
 // bridge puts on its replies and publications.
 const sampledParent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-
-// rawNATSTracedResponder is rawNATSResponder with a traceparent header on
-// each reply.
-func rawNATSTracedResponder(url, subject string) (*nats.Conn, error) {
-	nc, err := nats.Connect(url)
-	if err != nil {
-		return nil, err
-	}
-	reply := []byte("!echo ok hello\n")
-	_, err = nc.Subscribe(subject, func(m *nats.Msg) {
-		m.RespondMsg(&nats.Msg{Data: reply, Header: nats.Header{"traceparent": {sampledParent}}})
-	})
-	return nc, err
-}
 
 // idealBridge forwards each request as one line to a raw TCP echo server
 // and answers with the line: the two hops and nothing else.
@@ -347,7 +340,7 @@ func BridgeRows(o Options) ([]Row, error) {
 		return nil, err
 	}
 	defer stopIdeal()
-	raw, err := rawNATSResponder(url, "raw.req")
+	raw, err := rawNATSResponder(url, rawSubject(false), false)
 	if err != nil {
 		return nil, err
 	}
@@ -367,7 +360,7 @@ func BridgeRows(o Options) ([]Row, error) {
 		return nil, err
 	}
 	defer stopContract()
-	rawTraced, err := rawNATSTracedResponder(url, "raw.traced")
+	rawTraced, err := rawNATSResponder(url, rawSubject(true), true)
 	if err != nil {
 		return nil, err
 	}
@@ -389,6 +382,19 @@ func BridgeRows(o Options) ([]Row, error) {
 		tenSubjects[i] = fmt.Sprintf("katcp.d%03d.req.echo", i)
 		idealSubjects[i] = fmt.Sprintf("idealp.%d", i)
 		contractSubjects[i] = fmt.Sprintf("idealk.%d", i)
+	}
+	// natsRaw measures the raw NATS side of row k, with a traceparent
+	// header on each reply or publication or not.
+	natsRaw := func(k string, traced bool) func() (float64, error) {
+		return func() (float64, error) {
+			switch k {
+			case "one":
+				return natsRequests(url, rawSubject(traced), o.Duration, 1, nil)
+			case "inflight":
+				return natsRequests(url, rawSubject(traced), o.Duration, 100, nil)
+			}
+			return rawPublishRate(url, o.Duration, traced)
+		}
 	}
 	var delivered float64
 	ours := map[string]func() (float64, error){
@@ -422,40 +428,38 @@ func BridgeRows(o Options) ([]Row, error) {
 		}
 		if o.wants("inflight") {
 			b, u, spread, err := o.pair(
-				func() (float64, error) { return natsRequests(url, "raw.req", o.Duration, 100, nil) },
+				natsRaw("inflight", false),
 				ours["inflight"])
 			if err != nil {
 				return nil, err
 			}
 			rows = append(rows, Row{Name: "bridge: 100 in flight over 10 devices (" + label + ")", Baseline: "raw NATS 100 in flight", Base: b, Ours: u, Unit: "req/s", Ratio: u / b, Target: 0.7, Higher: true, Spread: spread})
 			if !traced {
-				// The best any bridge can do here: the ideal bridge,
-				// pipelined, against the same baseline.
-				b, u, spread, err := o.pair(
-					func() (float64, error) { return natsRequests(url, "raw.req", o.Duration, 100, nil) },
-					func() (float64, error) {
-						return natsRequests(url, "", o.Duration, 100, func(i int) string { return idealSubjects[i%10] })
+				// The best any bridge can do here, against the same
+				// baseline: the ideal bridge, pipelined; then with what
+				// the contract and the row add (the Katcp-Status header
+				// on replies, a KATCP device).
+				for _, ref := range []struct {
+					subjects *[10]string
+					name     string
+					note     string
+				}{
+					{&idealSubjects, "  reference: ideal bridge, pipelined, 100 in flight", "two hops and nothing else: the ceiling of the row above"},
+					{&contractSubjects, "  reference: the same, status header, KATCP device", "the ceiling with the reply header the contract requires and our katcp.Server as the device"},
+				} {
+					b, u, spread, err := o.pair(natsRaw("inflight", false), func() (float64, error) {
+						return natsRequests(url, "", o.Duration, 100, func(i int) string { return ref.subjects[i%10] })
 					})
-				if err != nil {
-					return nil, err
+					if err != nil {
+						return nil, err
+					}
+					rows = append(rows, Row{Name: ref.name, Baseline: "raw NATS 100 in flight", Base: b, Ours: u, Unit: "req/s", Ratio: u / b, Info: true, Spread: spread + " (" + ref.note + ")"})
 				}
-				rows = append(rows, Row{Name: "  reference: ideal bridge, pipelined, 100 in flight", Baseline: "raw NATS 100 in flight", Base: b, Ours: u, Unit: "req/s", Ratio: u / b, Info: true, Spread: spread + " (two hops and nothing else: the ceiling of the row above)"})
-				// The same with what the contract and the row add: the
-				// Katcp-Status header on replies, a KATCP device.
-				b, u, spread, err = o.pair(
-					func() (float64, error) { return natsRequests(url, "raw.req", o.Duration, 100, nil) },
-					func() (float64, error) {
-						return natsRequests(url, "", o.Duration, 100, func(i int) string { return contractSubjects[i%10] })
-					})
-				if err != nil {
-					return nil, err
-				}
-				rows = append(rows, Row{Name: "  reference: the same, status header, KATCP device", Baseline: "raw NATS 100 in flight", Base: b, Ours: u, Unit: "req/s", Ratio: u / b, Info: true, Spread: spread + " (the ceiling with the reply header the contract requires and our katcp.Server as the device)"})
 			}
 		}
 		if o.wants("sensors") {
 			b, u, spread, err := o.pair(
-				func() (float64, error) { return rawPublishRate(url, o.Duration, false) },
+				natsRaw("sensors", false),
 				ours["sensors"])
 			if err != nil {
 				return nil, err
@@ -465,17 +469,6 @@ func BridgeRows(o Options) ([]Row, error) {
 	}
 	if o.Tracing != "both" && o.Tracing != "" {
 		return rows, nil
-	}
-	natsRaw := map[string]func(traced bool) func() (float64, error){
-		"one": func(traced bool) func() (float64, error) {
-			return func() (float64, error) { return natsRequests(url, rawSubject(traced), o.Duration, 1, nil) }
-		},
-		"inflight": func(traced bool) func() (float64, error) {
-			return func() (float64, error) { return natsRequests(url, rawSubject(traced), o.Duration, 100, nil) }
-		},
-		"sensors": func(traced bool) func() (float64, error) {
-			return func() (float64, error) { return rawPublishRate(url, o.Duration, traced) }
-		},
 	}
 	// Tracing's cost: ours with tracing off and on, alternately.
 	for _, k := range []string{"one", "inflight", "sensors"} {
@@ -492,8 +485,7 @@ func BridgeRows(o Options) ([]Row, error) {
 		rows = append(rows, Row{Name: "tracing on vs off: " + k, Baseline: "tracing off", Base: off, Ours: on, Unit: "rate", Ratio: off/on - 1, Target: 0.10, Spread: spread + " (ratio = slowdown, measured alternately)"})
 		// What the trace context alone costs NATS: the same traffic with
 		// and without a traceparent header, no bridge, no spans.
-		plain, traced := natsRaw[k](false), natsRaw[k](true)
-		off, on, spread, err = o.pair(plain, traced)
+		off, on, spread, err = o.pair(natsRaw(k, false), natsRaw(k, true))
 		if err != nil {
 			return nil, err
 		}
