@@ -2,6 +2,7 @@ package katcp_test
 
 import (
 	"context"
+	"runtime"
 	"testing"
 
 	"github.com/katcp-go/katcp-bridge/katcp"
@@ -27,4 +28,29 @@ func BenchmarkRoundTrip(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// BenchmarkRoundTripParallel is 100 requests in flight on one connection
+// (message ids), the shape of the 100-in-flight row of katcp-bench.
+func BenchmarkRoundTripParallel(b *testing.B) {
+	dev := katcptest.NewDevice(b, katcp.ServerConfig{})
+	dev.Handle("echo", "?echo x", func(ctx context.Context, w *katcp.ReplyWriter, r *katcp.Request) error {
+		return w.Reply(r.Args[0])
+	})
+	c, err := katcp.Dial(context.Background(), dev.Addr(), katcp.ClientConfig{NoReconnect: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	ctx := context.Background()
+	b.ReportAllocs()
+	b.SetParallelism(100 / runtime.GOMAXPROCS(0))
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if _, err := c.Request(ctx, "echo", "hello"); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
 }

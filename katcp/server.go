@@ -171,9 +171,8 @@ type Server struct {
 	doneCh     chan struct{}
 	connWG     sync.WaitGroup
 
-	jobs        chan job       // to idle workers
+	jobs        chan job       // to idle workers; closed once no connection is left (workers exit)
 	workerWG    sync.WaitGroup // workers
-	quit        chan struct{}  // closed when the last connection is gone: workers exit
 	quitOnce    sync.Once
 	disconnects atomic.Uint64
 }
@@ -192,7 +191,6 @@ func NewServer(cfg ServerConfig) *Server {
 		logLevel:  LogInfo,
 		doneCh:    make(chan struct{}),
 		jobs:      make(chan job),
-		quit:      make(chan struct{}),
 	}
 	s.addStandardRequests()
 	s.sensors.onChange = s.sensorChanged
@@ -458,17 +456,15 @@ func (s *Server) worker(j job) {
 		j.c.active.Add(-1)
 		<-s.pending
 		j.c.handlers.Done()
-		j = job{}
-		select {
-		case j = <-s.jobs:
-		case <-s.quit:
+		var ok bool
+		if j, ok = <-s.jobs; !ok {
 			return
 		}
 	}
 }
 
 func (s *Server) stopWorkers() {
-	s.quitOnce.Do(func() { close(s.quit) })
+	s.quitOnce.Do(func() { close(s.jobs) }) // no connection is left to dispatch
 	s.workerWG.Wait()
 }
 
