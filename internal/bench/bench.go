@@ -246,6 +246,92 @@ func RawPingPong(addr string, d time.Duration) (float64, error) {
 	})
 }
 
+// StartHandoffEchoServer is the raw echo server with the structure of a
+// device that runs requests concurrently: each connection's reader copies
+// every line and hands it to a worker goroutine, which writes the echo.
+// No KATCP, no pool, no bookkeeping: the cost of the two goroutines alone.
+func StartHandoffEchoServer() (*EchoServer, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	s := &EchoServer{ln: ln}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			lines := make(chan []byte, 1)
+			s.wg.Add(2)
+			go func() { // worker
+				defer s.wg.Done()
+				for line := range lines {
+					if _, err := c.Write(line); err != nil {
+						c.Close()
+					}
+				}
+			}()
+			go func() { // reader
+				defer s.wg.Done()
+				defer c.Close()
+				defer close(lines)
+				r := bufio.NewReader(c)
+				for {
+					line, err := r.ReadSlice('\n')
+					if err != nil {
+						return
+					}
+					lines <- append([]byte(nil), line...)
+				}
+			}()
+		}
+	}()
+	return s, nil
+}
+
+// HandoffPingPong measures one line at a time against a
+// StartHandoffEchoServer with the structure of a client that allows
+// concurrent requests and asynchronous messages: the caller writes its
+// line and waits while a reader goroutine receives the answer and hands
+// it over.
+func HandoffPingPong(addr string, d time.Duration) (float64, error) {
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		return 0, err
+	}
+	answers := make(chan []byte, 1)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		defer close(answers)
+		r := bufio.NewReader(c)
+		for {
+			line, err := r.ReadSlice('\n')
+			if err != nil {
+				return
+			}
+			answers <- append([]byte(nil), line...)
+		}
+	}()
+	defer func() {
+		c.Close()
+		<-done
+	}()
+	line := []byte("?echo hello\n")
+	return rate(d, 1, func() error {
+		if _, err := c.Write(line); err != nil {
+			return err
+		}
+		if _, ok := <-answers; !ok {
+			return io.ErrUnexpectedEOF
+		}
+		return nil
+	})
+}
+
 // RawPipelined measures lines echoed with up to window in flight.
 func RawPipelined(addr string, d time.Duration, window int) (float64, error) {
 	c, err := net.Dial("tcp", addr)

@@ -84,6 +84,22 @@ func KATCPRows(o Options) ([]Row, error) {
 	}
 	rows = append(rows, Row{Name: "client+server: one request at a time", Baseline: "raw TCP ping-pong", Base: b, Ours: u, Unit: "req/s", Ratio: u / b, Target: 0.8, Higher: true, Spread: spread})
 
+	// The same traffic with one goroutine hand-over on each side and nothing
+	// else: the structure any client and device with concurrent requests and
+	// asynchronous informs has, as a ceiling for the row above.
+	handoff, err := StartHandoffEchoServer()
+	if err != nil {
+		return nil, err
+	}
+	defer handoff.Close()
+	b, u, spread, err = o.pair(
+		func() (float64, error) { return RawPingPong(echo.Addr(), o.Duration) },
+		func() (float64, error) { return HandoffPingPong(handoff.Addr(), o.Duration) })
+	if err != nil {
+		return nil, err
+	}
+	rows = append(rows, Row{Name: "  reference: raw TCP, a goroutine hand-over each side", Baseline: "raw TCP ping-pong", Base: b, Ours: u, Unit: "req/s", Ratio: u / b, Info: true, Spread: spread + " (the structure alone: the ceiling of the row above)"})
+
 	b, u, spread, err = o.pair(
 		func() (float64, error) { return RawPipelined(echo.Addr(), o.Duration, 100) },
 		func() (float64, error) {
