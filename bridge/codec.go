@@ -238,16 +238,28 @@ type Status struct {
 // what encoding/json writes for sensorDocument(device, u), without
 // reflection (it runs for every published update).
 func appendSensorJSON(b []byte, device string, u katcp.SensorUpdate) []byte {
+	return appendSensorRest(appendSensorHead(b, device, u.Name, u.Type), u)
+}
+
+// appendSensorHead appends the start of a sensor's documents, the same for
+// all its updates: device, name and type, up to the timestamp's value.
+func appendSensorHead(b []byte, device, name string, t katcp.SensorType) []byte {
 	b = append(b, `{"device":`...)
 	b = appendJSONString(b, device)
 	b = append(b, `,"name":`...)
-	b = appendJSONString(b, u.Name)
+	b = appendJSONString(b, name)
 	b = append(b, `,"type":`...)
-	b = appendJSONString(b, u.Type.String())
-	b = append(b, `,"timestamp":`...)
+	b = appendJSONString(b, t.String())
+	return append(b, `,"timestamp":`...)
+}
+
+// appendSensorRest appends the rest of u's document after
+// appendSensorHead: the timestamp onwards.
+func appendSensorRest(b []byte, u katcp.SensorUpdate) []byte {
 	b = appendJSONFloat(b, seconds(u.Timestamp))
-	b = append(b, `,"status":`...)
-	b = appendJSONString(b, u.Status.String())
+	b = append(b, `,"status":"`...)
+	b = append(b, u.Status.String()...) // letters, digits and parentheses: nothing to escape
+	b = append(b, '"')
 	b = append(b, `,"value":`...)
 	if !u.Status.ValidValue() || u.Value == nil {
 		return append(b, "null}"...)

@@ -49,6 +49,13 @@ func BenchmarkSensorJSON(b *testing.B) {
 			buf = appendSensorJSON(buf[:0], "m000", u)
 		}
 	})
+	b.Run("head cached", func(b *testing.B) { // as the worker does
+		head := appendSensorHead(nil, "m000", u.Name, u.Type)
+		buf := make([]byte, 0, 256)
+		for b.Loop() {
+			buf = appendSensorRest(append(buf[:0], head...), u)
+		}
+	})
 	b.Run("encoding/json", func(b *testing.B) {
 		for b.Loop() {
 			json.Marshal(sensorDocument("m000", u))

@@ -37,11 +37,11 @@ type worker struct {
 	sensorPubs *pubBatch    // sensor updates' publications
 	informPubs *pubBatch    // informs' publications
 
-	sensorSubjects sync.Map     // sensor name -> its subject
-	nSubjects      atomic.Int32 // entries in sensorSubjects
-	spanNames      sync.Map     // request name -> its hop span's name
-	nSpanNames     atomic.Int32 // entries in spanNames
-	statSub        *nats.Subscription
+	sensorOuts  sync.Map     // sensor name -> *sensorOut
+	nSensorOuts atomic.Int32 // entries in sensorOuts
+	spanNames   sync.Map     // request name -> its hop span's name
+	nSpanNames  atomic.Int32 // entries in spanNames
+	statSub     *nats.Subscription
 
 	tried   atomic.Bool    // a first connection attempt has ended
 	ready   chan struct{}  // closed once start has set up client
@@ -313,36 +313,51 @@ func (w *worker) endBatches() {
 // sensorUpdate publishes a sensor update.
 func (w *worker) sensorUpdate(u katcp.SensorUpdate) {
 	w.b.metrics.sensorUpdates.Add(1)
+	out := w.sensorOut(u.Name, u.Type)
 	buf := sensorBufs.Get().(*[]byte)
-	doc := appendSensorJSON((*buf)[:0], w.dev.Name, u)
+	doc := appendSensorRest(append((*buf)[:0], out.head...), u)
 	var id string
 	if w.b.lastValues.Load() {
 		id = msgID(w.dev.Name, u.Name, u.Timestamp, u.Status.String())
 	}
 	// Publishing copies doc into the connection's buffer before it
 	// returns, so the buffer serves the next update.
-	w.sensorPubs.publish(w.sensorSubject(u.Name), doc, id)
+	w.sensorPubs.publish(out.subject, doc, id)
 	if cap(doc) <= 4096 {
 		*buf = doc
 		sensorBufs.Put(buf)
 	}
 }
 
-// maxSubjects bounds the cache of sensor subjects of one device.
-const maxSubjects = 1 << 16
+// maxCached bounds each of a worker's caches (sensor outputs, span names).
+const maxCached = 1 << 16
 
-// sensorSubject returns the subject of a sensor's updates.
-func (w *worker) sensorSubject(name string) string {
-	if s, ok := w.sensorSubjects.Load(name); ok {
-		return s.(string)
-	}
-	s := w.b.scheme.Sensor(w.dev.Name, name)
-	if w.nSubjects.Load() < maxSubjects {
-		if _, loaded := w.sensorSubjects.LoadOrStore(name, s); !loaded {
-			w.nSubjects.Add(1)
+// sensorOut is what every update of one sensor shares: the subject and
+// the start of the document.
+type sensorOut struct {
+	subject string
+	typ     katcp.SensorType
+	head    []byte // appendSensorHead's
+}
+
+// sensorOut returns the subject and document head of a sensor's updates.
+func (w *worker) sensorOut(name string, t katcp.SensorType) *sensorOut {
+	if v, ok := w.sensorOuts.Load(name); ok {
+		if out := v.(*sensorOut); out.typ == t {
+			return out
 		}
 	}
-	return s
+	out := &sensorOut{
+		subject: w.b.scheme.Sensor(w.dev.Name, name),
+		typ:     t,
+		head:    appendSensorHead(nil, w.dev.Name, name, t),
+	}
+	if w.nSensorOuts.Load() < maxCached {
+		if _, loaded := w.sensorOuts.Swap(name, out); !loaded {
+			w.nSensorOuts.Add(1)
+		}
+	}
+	return out
 }
 
 // sensorBufs holds buffers for sensor documents.
@@ -411,7 +426,7 @@ func (w *worker) hopSpanName(request string) string {
 		return s.(string)
 	}
 	s := "katcp " + request
-	if w.nSpanNames.Load() < maxSubjects {
+	if w.nSpanNames.Load() < maxCached {
 		if _, loaded := w.spanNames.LoadOrStore(request, s); !loaded {
 			w.nSpanNames.Add(1)
 		}
