@@ -50,6 +50,8 @@ type clientConn struct {
 
 	detected      *ProtocolVersion // owned by readLoop: negotiated, not yet announced
 	sinceDetected int              // owned by readLoop: messages read since
+	informs       []Message        // owned by readLoop: copies read, not yet queued for the handlers
+	calls         atomic.Int32     // an upper bound of the requests registered (0: none)
 }
 
 func newClientConn(c *Client, nc net.Conn) *clientConn {
@@ -102,6 +104,7 @@ func (cc *clientConn) shutdown(err error) {
 		calls = append(calls, q...)
 	}
 	cc.byMID, cc.byName = nil, nil
+	cc.countLocked()
 	cc.mu.Unlock()
 	for _, cl := range calls {
 		cl.finish(nil, lost)
@@ -232,7 +235,11 @@ func (cc *clientConn) readLoop() {
 	defer cc.wg.Done()
 	c := cc.c
 	r := NewReaderSize(cc.nc, c.cfg.MaxLineLength)
+	defer cc.queueInforms()
 	for {
+		if len(cc.informs) > 0 && (r.Buffered() == 0 || len(cc.informs) >= 256) {
+			cc.queueInforms() // before waiting for more, and in batches
+		}
 		m, err := r.ReadMessage()
 		if err != nil {
 			var pe *ParseError
@@ -250,6 +257,9 @@ func (cc *clientConn) readLoop() {
 		}
 		switch m.Type {
 		case TypeReply:
+			// The informs that came first reach the handlers before
+			// anything this reply lets its caller queue.
+			cc.queueInforms()
 			cc.handleReply(&m)
 		case TypeInform:
 			cc.handleInform(&m)
@@ -293,6 +303,7 @@ func (cc *clientConn) handleReply(m *Message) {
 func (cc *clientConn) popCall(m *Message) (cl, unsent *call, err error) {
 	cc.mu.Lock()
 	defer cc.mu.Unlock()
+	defer cc.countLocked()
 	if m.MID != 0 {
 		cl := cc.byMID[m.MID]
 		if cl == nil || cl.name != m.Name {
@@ -364,15 +375,33 @@ func (cc *clientConn) handleInform(m *Message) {
 	case "log":
 		cc.c.log.Debug("katcp device log", "level", m.Arg(0), "name", m.Arg(2), "message", m.Arg(3))
 	}
-	if !cc.c.events.pushInform(m) {
-		cc.c.stats.droppedInforms.Add(1)
+	if !cc.c.events.room(len(cc.informs)) {
+		cc.c.stats.droppedInforms.Add(1) // no copy made
+		return
 	}
+	cc.informs = append(cc.informs, m.Clone())
+}
+
+// queueInforms hands the informs read so far to the dispatch goroutine in
+// one go.
+func (cc *clientConn) queueInforms() {
+	if len(cc.informs) == 0 {
+		return
+	}
+	if n := cc.c.events.pushInforms(cc.informs); n < len(cc.informs) {
+		cc.c.stats.droppedInforms.Add(uint64(len(cc.informs) - n))
+	}
+	clear(cc.informs)
+	cc.informs = cc.informs[:0]
 }
 
 // findCall returns the pending request an inform belongs to: by mid, or
 // by name for informs without one (devices such as the C library omit the
 // mid on in-response informs).
 func (cc *clientConn) findCall(m *Message) *call {
+	if cc.calls.Load() == 0 {
+		return nil
+	}
 	cc.mu.Lock()
 	defer cc.mu.Unlock()
 	if m.MID != 0 {
@@ -574,9 +603,11 @@ func (cc *clientConn) register(cl *call, direct bool) error {
 	}
 	if cl.req.MID != 0 {
 		cc.byMID[cl.req.MID] = cl
+		cc.countLocked() // before the request can be on the wire
 		cl.sent = true
 		if err := cc.queue(&cl.req, !direct); err != nil {
 			delete(cc.byMID, cl.req.MID)
+			cc.countLocked()
 			return err
 		}
 		return nil
@@ -585,14 +616,22 @@ func (cc *clientConn) register(cl *call, direct bool) error {
 	// replies match by name even when the device answers out of order.
 	q := append(cc.byName[req.Name], cl)
 	cc.byName[req.Name] = q
+	cc.countLocked()
 	if len(q) == 1 {
 		cl.sent = true
 		if err := cc.queue(&cl.req, !direct); err != nil {
 			delete(cc.byName, req.Name)
+			cc.countLocked()
 			return err
 		}
 	}
 	return nil
+}
+
+// countLocked records whether requests are registered, for findCall;
+// cc.mu is held.
+func (cc *clientConn) countLocked() {
+	cc.calls.Store(int32(len(cc.byMID) + len(cc.byName)))
 }
 
 // abandon gives up on a request whose caller has gone. A request still
@@ -613,7 +652,12 @@ func (cc *clientConn) abandon(cl *call, why error) {
 		q := cc.byName[cl.name]
 		for i, x := range q {
 			if x == cl {
-				cc.byName[cl.name] = append(q[:i:i], q[i+1:]...)
+				if len(q) == 1 {
+					delete(cc.byName, cl.name)
+				} else {
+					cc.byName[cl.name] = append(q[:i:i], q[i+1:]...)
+				}
+				cc.countLocked()
 				break
 			}
 		}
@@ -626,6 +670,7 @@ func (cc *clientConn) abandon(cl *call, why error) {
 			cc.mu.Lock()
 			if cc.byMID != nil && cc.byMID[mid] == cl {
 				delete(cc.byMID, mid)
+				cc.countLocked()
 			}
 			cc.mu.Unlock()
 		})

@@ -3,6 +3,7 @@ package katcp
 import (
 	"fmt"
 	"sync"
+	"sync/atomic"
 )
 
 type eventKind uint8
@@ -31,6 +32,7 @@ type eventQueue struct {
 	items  []event
 	max    int
 	closed bool
+	size   atomic.Int32 // len(items), for room
 	signal chan struct{}
 }
 
@@ -45,6 +47,7 @@ func (q *eventQueue) push(e event, bounded bool) bool {
 		return false
 	}
 	q.items = append(q.items, e)
+	q.size.Store(int32(len(q.items)))
 	q.mu.Unlock()
 	select {
 	case q.signal <- struct{}{}:
@@ -53,21 +56,33 @@ func (q *eventQueue) push(e event, bounded bool) bool {
 	return true
 }
 
-// pushInform queues a copy of m; it copies only when there is room, so
-// that a flood of informs beyond the bound costs no allocations.
-func (q *eventQueue) pushInform(m *Message) bool {
+// room reports whether pending more informs would fit in the queue now,
+// so that a flood of informs beyond the bound is dropped before it is
+// copied. It is a hint: pushInforms applies the bound.
+func (q *eventQueue) room(pending int) bool {
+	return int(q.size.Load())+pending < q.max
+}
+
+// pushInforms queues ms, as many as there is room for, and returns how
+// many.
+func (q *eventQueue) pushInforms(ms []Message) int {
 	q.mu.Lock()
-	if q.closed || len(q.items) >= q.max {
-		q.mu.Unlock()
-		return false
+	n := 0
+	if !q.closed {
+		n = max(min(len(ms), q.max-len(q.items)), 0)
 	}
-	q.items = append(q.items, event{kind: evInform, msg: m.Clone()})
+	for i := range n {
+		q.items = append(q.items, event{kind: evInform, msg: ms[i]})
+	}
+	q.size.Store(int32(len(q.items)))
 	q.mu.Unlock()
-	select {
-	case q.signal <- struct{}{}:
-	default:
+	if n > 0 {
+		select {
+		case q.signal <- struct{}{}:
+		default:
+		}
 	}
-	return true
+	return n
 }
 
 func (q *eventQueue) pushEvent(e event) bool { return q.push(e, false) }
@@ -92,6 +107,7 @@ func (q *eventQueue) take(buf []event) ([]event, bool) {
 			buf = append(buf[:0], q.items...)
 			clear(q.items)
 			q.items = q.items[:0]
+			q.size.Store(0)
 			q.mu.Unlock()
 			return buf, true
 		}

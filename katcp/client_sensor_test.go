@@ -181,6 +181,10 @@ func TestSensorWatcher(t *testing.T) {
 		if err := w.WaitSynced(context.Background()); err != nil {
 			t.Fatal(err)
 		}
+		// Synced comes after the readings that came before the reply.
+		if a, b := mustLast(t, w, "a"), mustLast(t, w, "b"); a.Value != int64(5) || b.Value != true {
+			t.Errorf("when synced, a = %v and b = %v; want 5 and true", a.Value, b.Value)
+		}
 		// Updates for other sensors are ignored; several readings per
 		// inform are split.
 		d.send("#sensor-status 1700000001.0 2 zzz nominal 1 b warn 0\n")
@@ -304,4 +308,13 @@ func TestClientSendAndStopped(t *testing.T) {
 		d.conn.Close()
 		<-c.Stopped()
 	})
+}
+
+func mustLast(t *testing.T, w *SensorWatcher, name string) SensorUpdate {
+	t.Helper()
+	u, ok := w.Last(name)
+	if !ok {
+		t.Fatalf("no reading of %s", name)
+	}
+	return u
 }

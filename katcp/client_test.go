@@ -531,6 +531,28 @@ func TestClientInformQueueOverflow(t *testing.T) {
 	})
 }
 
+// The informs read before a reply are queued for the handlers before
+// anything the reply's caller queues (the sensor watcher's Synced relies
+// on it).
+func TestClientInformsQueuedBeforeReply(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c, d, _ := connect(t, ClientConfig{}, aiokatcpHello)
+		var order []string // appended on the dispatch goroutine only
+		c.HandleInform("x", func(m Message) { order = append(order, "#x "+m.Arg(0)) })
+		m, _ := NewRequest("y")
+		c.RequestFunc(context.Background(), m, 0, func(*Reply, error) {
+			// On the read goroutine, as the reply is handled.
+			c.events.pushEvent(event{kind: evFunc, fn: func() { order = append(order, "!y") }})
+		})
+		d.expect("?y[1]\n")
+		d.send("#x 1\n#x 2\n!y[1] ok\n#x 3\n")
+		synctest.Wait()
+		if got := strings.Join(order, ", "); got != "#x 1, #x 2, !y, #x 3" {
+			t.Errorf("dispatched %s", got)
+		}
+	})
+}
+
 func TestClientMalformedLinesSkipped(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		c, d, _ := connect(t, ClientConfig{}, aiokatcpHello)
