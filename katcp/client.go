@@ -165,16 +165,15 @@ type Client struct {
 	// client without reconnection has lost its connection.
 	stoppedCh chan struct{}
 
-	major      atomic.Int32 // the protocol's major version, once known
-	mu         sync.Mutex   // guards the fields below
+	major      atomic.Int32                 // the protocol's major version, once known
+	handlers   atomic.Pointer[handlerTable] // replaced under mu
+	mu         sync.Mutex                   // guards the fields below
 	conn       *clientConn
 	info       ProtocolInfo
 	closed     bool
 	stopped    bool          // run has exited
 	lastErr    error         // why the last connection or attempt ended
 	changed    chan struct{} // closed and replaced on every state change
-	handlers   map[string][]*informHandler
-	unhandled  func(Message)
 	hints      map[string]time.Duration
 	handlerSeq uint64
 	gen        uint64 // counts connections
@@ -198,8 +197,8 @@ func NewClient(addr string, cfg ClientConfig) *Client {
 		kick:      make(chan struct{}, 1),
 		stoppedCh: make(chan struct{}),
 		changed:   make(chan struct{}),
-		handlers:  make(map[string][]*informHandler),
 	}
+	c.handlers.Store(&handlerTable{byName: map[string][]*informHandler{}})
 	c.wg.Add(2)
 	go c.run(ctx)
 	go c.dispatch()
@@ -504,7 +503,7 @@ func (c *Client) serve(ctx context.Context, cc *clientConn) error {
 	c.notifyLocked()
 	c.mu.Unlock()
 	c.log.Info("katcp connected", "protocol", info.Version.String())
-	c.events.pushEvent(event{kind: evConnected, info: info})
+	c.events.pushEvent(event{kind: evConnected, info: &info})
 	if info.Version.Has(FlagTimeoutHint) && info.Version.Major >= 5 {
 		c.loadTimeoutHints(ctx, cc)
 	}

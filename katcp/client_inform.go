@@ -19,7 +19,7 @@ const (
 type event struct {
 	kind eventKind
 	msg  Message
-	info ProtocolInfo
+	info *ProtocolInfo // evConnected (a pointer: informs, the bulk, stay small)
 	err  error
 	fn   func()
 }
@@ -139,21 +139,25 @@ func (c *Client) HandleInform(name string, h func(Message)) (remove func()) {
 	c.mu.Lock()
 	c.handlerSeq++
 	e := &informHandler{id: c.handlerSeq, h: h}
-	c.handlers[name] = append(c.handlers[name], e)
+	c.updateHandlersLocked(func(t *handlerTable) {
+		t.byName[name] = append(t.byName[name], e)
+	})
 	c.mu.Unlock()
 	return func() {
 		c.mu.Lock()
 		defer c.mu.Unlock()
-		hs := c.handlers[name]
-		for i, x := range hs {
-			if x == e {
-				c.handlers[name] = append(hs[:i:i], hs[i+1:]...)
-				break
+		c.updateHandlersLocked(func(t *handlerTable) {
+			hs := t.byName[name]
+			for i, x := range hs {
+				if x == e {
+					t.byName[name] = append(hs[:i:i], hs[i+1:]...)
+					break
+				}
 			}
-		}
-		if len(c.handlers[name]) == 0 {
-			delete(c.handlers, name)
-		}
+			if len(t.byName[name]) == 0 {
+				delete(t.byName, name)
+			}
+		})
 	}
 }
 
@@ -162,8 +166,27 @@ func (c *Client) HandleInform(name string, h func(Message)) (remove func()) {
 // removes it.
 func (c *Client) HandleUnhandled(h func(Message)) {
 	c.mu.Lock()
-	c.unhandled = h
+	c.updateHandlersLocked(func(t *handlerTable) { t.unhandled = h })
 	c.mu.Unlock()
+}
+
+// handlerTable is the inform handlers. It is replaced, never modified,
+// so that the dispatch goroutine reads it without a lock.
+type handlerTable struct {
+	byName    map[string][]*informHandler
+	unhandled func(Message)
+}
+
+// updateHandlersLocked replaces the handler table with a modified copy;
+// c.mu is held.
+func (c *Client) updateHandlersLocked(modify func(*handlerTable)) {
+	old := c.handlers.Load()
+	t := &handlerTable{byName: make(map[string][]*informHandler, len(old.byName)+1), unhandled: old.unhandled}
+	for name, hs := range old.byName {
+		t.byName[name] = hs // slices are copied by those who change them
+	}
+	modify(t)
+	c.handlers.Store(t)
 }
 
 // builtinInform reports whether the client itself handles informs named
@@ -180,7 +203,6 @@ func builtinInform(name string) bool {
 func (c *Client) dispatch() {
 	defer c.wg.Done()
 	var batch []event
-	var hs []*informHandler
 	for {
 		var ok bool
 		batch, ok = c.events.take(batch)
@@ -191,19 +213,17 @@ func (c *Client) dispatch() {
 			e := &batch[i]
 			switch e.kind {
 			case evInform:
-				c.mu.Lock()
-				hs = append(hs[:0], c.handlers[e.msg.Name]...)
-				fallback := c.unhandled
-				c.mu.Unlock()
-				if len(hs) == 0 && fallback != nil && !builtinInform(e.msg.Name) {
-					c.safely("unhandled inform", func() { fallback(e.msg) })
+				t := c.handlers.Load()
+				hs := t.byName[e.msg.Name]
+				if len(hs) == 0 && t.unhandled != nil && !builtinInform(e.msg.Name) {
+					c.safely("unhandled inform", func() { t.unhandled(e.msg) })
 				}
 				for _, h := range hs {
 					c.safely("inform handler", func() { h.h(e.msg) })
 				}
 			case evConnected:
 				if f := c.cfg.OnConnected; f != nil {
-					c.safely("OnConnected", func() { f(e.info) })
+					c.safely("OnConnected", func() { f(*e.info) })
 				}
 			case evDisconnected:
 				if f := c.cfg.OnDisconnected; f != nil {

@@ -154,7 +154,8 @@ func ValidName(name string) bool {
 func isAlpha(c byte) bool { return c|0x20 >= 'a' && c|0x20 <= 'z' }
 func isDigit(c byte) bool { return c >= '0' && c <= '9' }
 
-// Clone returns a deep copy of m whose arguments share one new allocation.
+// Clone returns a deep copy of m whose arguments share new memory: one
+// allocation for a small message (most informs and requests), two otherwise.
 func (m Message) Clone() Message {
 	if m.Args == nil {
 		return m
@@ -163,8 +164,7 @@ func (m Message) Clone() Message {
 	for _, a := range m.Args {
 		n += len(a)
 	}
-	data := make([]byte, 0, n)
-	args := make([][]byte, len(m.Args))
+	args, data := newArgs(len(m.Args), n)
 	for i, a := range m.Args {
 		start := len(data)
 		data = append(data, a...)
@@ -172,6 +172,32 @@ func (m Message) Clone() Message {
 	}
 	m.Args = args
 	return m
+}
+
+// Small messages keep their argument list and bytes in one allocation.
+type (
+	argStore2 struct {
+		args [2][]byte
+		data [32]byte
+	}
+	argStore6 struct {
+		args [6][]byte
+		data [64]byte
+	}
+)
+
+// newArgs returns an argument list of length n and an empty buffer of
+// capacity size for the arguments' bytes, together when they are small.
+func newArgs(n, size int) ([][]byte, []byte) {
+	switch {
+	case n <= 2 && size <= 32:
+		s := new(argStore2)
+		return s.args[:n:n], s.data[:0:size]
+	case n <= 6 && size <= 64:
+		s := new(argStore6)
+		return s.args[:n:n], s.data[:0:size]
+	}
+	return make([][]byte, n), make([]byte, 0, size)
 }
 
 // Arg returns argument i as a string, or "" when there is no such argument.
