@@ -294,7 +294,8 @@ func (cc *clientConn) handleReply(m *Message) {
 		cc.c.stats.lateReplies.Add(1)
 		return
 	}
-	cl.finish(&Reply{Message: m.Clone()}, nil)
+	cl.replyV = Reply{Message: m.Clone()} // read only through the reply finish hands over
+	cl.finish(&cl.replyV, nil)
 }
 
 // popCall removes and returns the request a reply answers, and sends the

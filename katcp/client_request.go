@@ -86,6 +86,7 @@ type call struct {
 	state   atomic.Int32 // 0 pending, 1 finished
 	done    chan struct{}
 	reply   *Reply
+	replyV  Reply // what reply points to once the reply has come (saves an allocation)
 	err     error
 	why     error               // guarded by mu: why an abandoned call ended
 	cleanup func()              // guarded by mu; run once the call is finished

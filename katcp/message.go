@@ -85,7 +85,8 @@ func newMessage(t Type, name string, mid int, first string, args []any) (Message
 	if n > len(endsBuf) {
 		ends = make([]int, 0, n)
 	}
-	data := make([]byte, 0, len(first)+8*len(args))
+	var data []byte
+	m.Args, data = newArgs(n, len(first)+8*len(args)) // appending past the estimate reallocates data
 	if first != "" {
 		data = append(data, first...)
 		ends = append(ends, len(data))
@@ -98,7 +99,6 @@ func newMessage(t Type, name string, mid int, first string, args []any) (Message
 		}
 		ends = append(ends, len(data))
 	}
-	m.Args = make([][]byte, n)
 	start := 0
 	for i, end := range ends {
 		m.Args[i] = data[start:end:end]
@@ -192,10 +192,10 @@ func newArgs(n, size int) ([][]byte, []byte) {
 	switch {
 	case n <= 2 && size <= 32:
 		s := new(argStore2)
-		return s.args[:n:n], s.data[:0:size]
+		return s.args[:n:n], s.data[:0]
 	case n <= 6 && size <= 64:
 		s := new(argStore6)
-		return s.args[:n:n], s.data[:0:size]
+		return s.args[:n:n], s.data[:0]
 	}
 	return make([][]byte, n), make([]byte, 0, size)
 }

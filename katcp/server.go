@@ -433,8 +433,23 @@ func (s *Server) Close() error {
 
 // job is one request for a worker.
 type job struct {
-	c *serverConn
-	m *Message
+	c  *serverConn
+	rq *pendingRequest
+}
+
+// pendingRequest is a request read and its reply writer, in one
+// allocation.
+type pendingRequest struct {
+	Request
+	ReplyWriter
+}
+
+// newPendingRequest takes m, a copy the server owns, for connection c.
+func newPendingRequest(c *serverConn, m Message) *pendingRequest {
+	return &pendingRequest{
+		Request{Message: m, RemoteAddr: c.remote, v4: c.srv.cfg.V4},
+		ReplyWriter{conn: c, name: m.Name, mid: m.MID},
+	}
 }
 
 // dispatch hands a request to an idle worker, or starts a new one.
@@ -452,7 +467,7 @@ func (s *Server) dispatch(j job) {
 func (s *Server) worker(j job) {
 	defer s.workerWG.Done()
 	for {
-		s.handle(j.c.ctx, j.c, j.m)
+		s.handle(j.c.ctx, j.rq)
 		j.c.active.Add(-1)
 		<-s.pending
 		j.c.handlers.Done()
@@ -490,12 +505,9 @@ func (s *Server) beginShutdown() []*serverConn {
 func (s *Server) Done() <-chan struct{} { return s.doneCh }
 
 // handle runs one request's handler with the reply discipline.
-func (s *Server) handle(ctx context.Context, c *serverConn, m *Message) {
-	st := &struct { // one allocation for both
-		Request
-		ReplyWriter
-	}{Request{Message: *m, RemoteAddr: c.remote, v4: s.cfg.V4}, ReplyWriter{conn: c, name: m.Name, mid: m.MID}}
-	req, w := &st.Request, &st.ReplyWriter
+func (s *Server) handle(ctx context.Context, rq *pendingRequest) {
+	req, w := &rq.Request, &rq.ReplyWriter
+	m := &req.Message
 	s.mu.Lock()
 	e := s.requests[m.Name]
 	s.mu.Unlock()

@@ -24,9 +24,9 @@ type serverConn struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
-	handlers sync.WaitGroup // running handlers
-	active   atomic.Int32   // requests being handled
-	seq      chan *Message  // Sequential mode: requests in order
+	handlers sync.WaitGroup       // running handlers
+	active   atomic.Int32         // requests being handled
+	seq      chan *pendingRequest // Sequential mode: requests in order
 
 	wmu     sync.Mutex // guards the fields below
 	wbuf    []byte
@@ -64,7 +64,7 @@ func newServerConn(s *Server, nc net.Conn) *serverConn {
 		samplers: make(map[string]*sampler),
 	}
 	if s.cfg.Sequential {
-		c.seq = make(chan *Message, 1)
+		c.seq = make(chan *pendingRequest, 1)
 	}
 	return c
 }
@@ -306,7 +306,7 @@ func (c *serverConn) serve() {
 		go func() {
 			defer close(seqDone)
 			for m := range c.seq {
-				s.handle(c.ctx, c, m)
+				s.handle(c.ctx, m)
 				c.active.Add(-1)
 				<-s.pending
 				c.handlers.Done()
@@ -376,10 +376,10 @@ func (c *serverConn) readLoop() (gone bool) {
 		c.handlers.Add(1)
 		c.active.Add(1)
 		if c.seq != nil {
-			c.seq <- &msg
+			c.seq <- newPendingRequest(c, msg)
 			continue
 		}
-		s.dispatch(job{c: c, m: &msg})
+		s.dispatch(job{c: c, rq: newPendingRequest(c, msg)})
 	}
 }
 
