@@ -165,16 +165,17 @@ type Client struct {
 	// client without reconnection has lost its connection.
 	stoppedCh chan struct{}
 
-	major      atomic.Int32                 // the protocol's major version, once known
-	handlers   atomic.Pointer[handlerTable] // replaced under mu
-	mu         sync.Mutex                   // guards the fields below
+	major      atomic.Int32                             // the protocol's major version, once known
+	handlers   atomic.Pointer[handlerTable]             // replaced under mu
+	live       atomic.Pointer[clientConn]               // conn, for reading without mu
+	hints      atomic.Pointer[map[string]time.Duration] // the device's timeout hints; replaced under mu
+	mu         sync.Mutex                               // guards the fields below
 	conn       *clientConn
 	info       ProtocolInfo
 	closed     bool
 	stopped    bool          // run has exited
 	lastErr    error         // why the last connection or attempt ended
 	changed    chan struct{} // closed and replaced on every state change
-	hints      map[string]time.Duration
 	handlerSeq uint64
 	gen        uint64 // counts connections
 
@@ -496,9 +497,10 @@ func (c *Client) serve(ctx context.Context, cc *clientConn) error {
 	info := cc.protocolInfo()
 	c.mu.Lock()
 	c.conn = cc
+	c.live.Store(cc)
 	c.gen++
 	c.info = info
-	c.hints = nil
+	c.hints.Store(nil)
 	c.lastErr = nil
 	c.notifyLocked()
 	c.mu.Unlock()
@@ -519,6 +521,7 @@ func (c *Client) serve(ctx context.Context, cc *clientConn) error {
 	}
 	c.mu.Lock()
 	c.conn = nil
+	c.live.Store(nil)
 	c.info = cc.protocolInfo()
 	c.lastErr = cause
 	c.notifyLocked()
@@ -552,23 +555,26 @@ func (c *Client) loadTimeoutHints(ctx context.Context, cc *clientConn) {
 	}
 	c.mu.Lock()
 	if c.conn == cc {
-		c.hints = hints
+		c.hints.Store(&hints)
 	}
 	c.mu.Unlock()
 }
 
 // timeoutFor returns the timeout for a request without a deadline.
 func (c *Client) timeoutFor(name string) time.Duration {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if d, ok := c.hints[name]; ok {
-		return d
+	if h := c.hints.Load(); h != nil {
+		if d, ok := (*h)[name]; ok {
+			return d
+		}
 	}
 	return c.cfg.RequestTimeout
 }
 
 // current returns the live connection or why there is none.
 func (c *Client) current() (*clientConn, error) {
+	if cc := c.live.Load(); cc != nil {
+		return cc, nil // no lock for the common case
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	switch {

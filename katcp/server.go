@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"runtime/debug"
 	"sync"
@@ -162,6 +163,7 @@ type Server struct {
 
 	mu         sync.Mutex // guards the fields below
 	requests   map[string]*requestEntry
+	reqTable   atomic.Pointer[map[string]*requestEntry] // a copy of requests for handle, replaced under mu
 	listeners  map[net.Listener]struct{}
 	conns      map[*serverConn]struct{}
 	shutting   bool
@@ -193,6 +195,7 @@ func NewServer(cfg ServerConfig) *Server {
 		jobs:      make(chan job),
 	}
 	s.addStandardRequests()
+	s.publishRequestsLocked() // no other goroutine has s yet
 	s.sensors.onChange = s.sensorChanged
 	return s
 }
@@ -214,6 +217,7 @@ func (s *Server) Handle(name, help string, h HandlerFunc) {
 		e.hint = old.hint
 	}
 	s.requests[name] = e
+	s.publishRequestsLocked()
 	s.mu.Unlock()
 	s.interfaceChanged(2)
 }
@@ -228,11 +232,19 @@ func (s *Server) SetTimeoutHint(name string, d time.Duration) {
 	}
 }
 
+// publishRequestsLocked makes the requests as they are now the ones handle
+// sees, without a lock per request; s.mu is held.
+func (s *Server) publishRequestsLocked() {
+	t := maps.Clone(s.requests)
+	s.reqTable.Store(&t)
+}
+
 // RemoveRequest removes a request.
 func (s *Server) RemoveRequest(name string) {
 	s.mu.Lock()
 	_, ok := s.requests[name]
 	delete(s.requests, name)
+	s.publishRequestsLocked()
 	s.mu.Unlock()
 	if ok {
 		s.interfaceChanged(2)
@@ -508,9 +520,7 @@ func (s *Server) Done() <-chan struct{} { return s.doneCh }
 func (s *Server) handle(ctx context.Context, rq *pendingRequest) {
 	req, w := &rq.Request, &rq.ReplyWriter
 	m := &req.Message
-	s.mu.Lock()
-	e := s.requests[m.Name]
-	s.mu.Unlock()
+	e := (*s.reqTable.Load())[m.Name]
 	if e == nil {
 		w.Respond("invalid", "unknown request "+m.Name)
 		return
