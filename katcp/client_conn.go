@@ -51,7 +51,7 @@ type clientConn struct {
 	detected      *ProtocolVersion // owned by readLoop: negotiated, not yet announced
 	sinceDetected int              // owned by readLoop: messages read since
 	informs       []Message        // owned by readLoop: copies read, not yet queued for the handlers
-	calls         atomic.Int32     // an upper bound of the requests registered (0: none)
+	calls         atomic.Int32     // len(byMID)+len(byName): 0 when no request is registered
 }
 
 func newClientConn(c *Client, nc net.Conn) *clientConn {
@@ -236,9 +236,10 @@ func (cc *clientConn) readLoop() {
 	c := cc.c
 	r := NewReaderSize(cc.nc, c.cfg.MaxLineLength)
 	defer cc.queueInforms()
+	r.beforeFill = cc.beforeRead
 	for {
-		if len(cc.informs) > 0 && (r.Buffered() == 0 || len(cc.informs) >= 256) {
-			cc.queueInforms() // before waiting for more, and in batches
+		if len(cc.informs) >= 256 {
+			cc.queueInforms() // in batches
 		}
 		m, err := r.ReadMessage()
 		if err != nil {
@@ -270,13 +271,28 @@ func (cc *clientConn) readLoop() {
 		if cc.detected != nil {
 			// The protocol became known; announce it once the informs that
 			// came with it (library, device) have been read too.
-			if cc.sinceDetected++; r.Buffered() == 0 || cc.sinceDetected > 16 {
-				v := *cc.detected
-				cc.detected = nil
-				cc.setProtocol(v)
+			if cc.sinceDetected++; cc.sinceDetected > 16 {
+				cc.announce()
 			}
 		}
 	}
+}
+
+// beforeRead runs when the reader has no complete line left and is about
+// to read (and perhaps wait): what was read so far is handed on.
+func (cc *clientConn) beforeRead() {
+	cc.queueInforms()
+	if cc.detected != nil {
+		cc.announce()
+	}
+}
+
+// announce publishes the detected protocol, after the informs read with it.
+func (cc *clientConn) announce() {
+	cc.queueInforms()
+	v := *cc.detected
+	cc.detected = nil
+	cc.setProtocol(v)
 }
 
 // handleReply completes the matching request.

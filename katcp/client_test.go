@@ -553,6 +553,57 @@ func TestClientInformsQueuedBeforeReply(t *testing.T) {
 	})
 }
 
+// An inform reaches the handlers once the reader would wait for more
+// bytes, even when what is left is not a whole line: the LF of a CRLF, the
+// start of the next line, blanks.
+func TestClientInformsNotHeldByPartialLines(t *testing.T) {
+	for _, tail := range []string{"\r\n", "\n#x 2", "\n  "} {
+		synctest.Test(t, func(t *testing.T) {
+			c, d, _ := connect(t, ClientConfig{}, aiokatcpHello)
+			got := make(chan string, 4)
+			c.HandleInform("x", func(m Message) { got <- m.Arg(0) })
+			d.send("#x 1" + tail)
+			synctest.Wait()
+			if len(got) != 1 || <-got != "1" {
+				t.Errorf("after %q: #x 1 not handled", "#x 1"+tail)
+			}
+		})
+	}
+}
+
+// A device whose lines end in CRLF is connected once its greeting is read.
+func TestClientCRLFGreeting(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c, _, _ := connect(t, ClientConfig{}, strings.ReplaceAll(aiokatcpHello, "\n", "\r\n"))
+		if v := c.Protocol().Version; v.Major != 5 {
+			t.Errorf("protocol %s", v)
+		}
+	})
+}
+
+// The informs that come with the greeting reach the handlers before
+// OnConnected, even when more follow at once.
+func TestClientGreetingInformsBeforeOnConnected(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var order []string // appended on the dispatch goroutine only
+		fn := newFakeNet(t)
+		c := NewClient("device:7147", ClientConfig{Dial: fn.dial, OnConnected: func(ProtocolInfo) { order = append(order, "connected") }})
+		defer c.Close()
+		c.HandleInform("version-connect", func(m Message) { order = append(order, m.Arg(0)) })
+		d := fn.accept()
+		// More than the reader reads before announcing the protocol, and a
+		// line left open so that it then waits with nothing to read.
+		d.send(aiokatcpHello + strings.Repeat("#foo\n", 20) + "#foo")
+		if err := c.WaitConnected(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		synctest.Wait()
+		if got := strings.Join(order, " "); got != "katcp-protocol katcp-library katcp-device connected" {
+			t.Errorf("dispatched %s", got)
+		}
+	})
+}
+
 func TestClientMalformedLinesSkipped(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		c, d, _ := connect(t, ClientConfig{}, aiokatcpHello)

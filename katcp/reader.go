@@ -66,6 +66,9 @@ type Reader struct {
 	args    [][]byte
 	data    []byte // unescaped arguments that contained escapes
 	names   map[string]string
+	// beforeFill, when set, runs before each read from the stream (when no
+	// complete line is buffered, so the read may block).
+	beforeFill func()
 }
 
 const (
@@ -177,6 +180,9 @@ func (r *Reader) readLine() ([]byte, int64, error) {
 				return nil, 0, newParseError(lineOff, len(line), line, io.ErrUnexpectedEOF)
 			}
 			return nil, 0, r.err
+		}
+		if r.beforeFill != nil {
+			r.beforeFill()
 		}
 		r.fill()
 	}

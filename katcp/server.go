@@ -483,6 +483,7 @@ func (s *Server) worker(j job) {
 		j.c.active.Add(-1)
 		<-s.pending
 		j.c.handlers.Done()
+		j = job{} // an idle worker keeps no request alive
 		var ok bool
 		if j, ok = <-s.jobs; !ok {
 			return
