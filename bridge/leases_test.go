@@ -142,41 +142,54 @@ func TestLeasesSpreadFailoverAndHandOver(t *testing.T) {
 		}
 		return true
 	})
-	// $SRV.INFO: one service per replica, its endpoints the devices it serves.
-	inbox := nats.NewInbox()
-	sub, err := rs.nconns[0].SubscribeSync(inbox)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rs.nconns[0].PublishRequest("$SRV.INFO.katcp-bridge", inbox, nil)
-	endpoints := map[string]string{}
-	for range 3 {
-		m, err := sub.NextMsg(5 * time.Second)
+	// $SRV.INFO: one service per replica, its endpoints the devices it
+	// serves. A replica adds a device's endpoint as it starts serving it,
+	// so the listing is polled until it is complete.
+	srvInfo := func() (map[string]string, []string) {
+		inbox := nats.NewInbox()
+		sub, err := rs.nconns[0].SubscribeSync(inbox)
 		if err != nil {
 			t.Fatal(err)
 		}
-		var info micro.Info
-		if err := json.Unmarshal(m.Data, &info); err != nil {
-			t.Fatal(err)
-		}
-		if info.Metadata["leases"] != "true" || info.Metadata["replica"] == "" {
-			t.Errorf("service metadata %v", info.Metadata)
-		}
-		for _, e := range info.Endpoints {
-			if prev, dup := endpoints[e.Name]; dup {
-				t.Errorf("device %s has endpoints on %s and %s", e.Name, prev, info.Metadata["instance"])
+		defer sub.Unsubscribe()
+		rs.nconns[0].PublishRequest("$SRV.INFO.katcp-bridge", inbox, nil)
+		endpoints := map[string]string{}
+		var problems []string
+		for range 3 {
+			m, err := sub.NextMsg(5 * time.Second)
+			if err != nil {
+				t.Fatal(err)
 			}
-			endpoints[e.Name] = e.Metadata["owner"]
+			var info micro.Info
+			if err := json.Unmarshal(m.Data, &info); err != nil {
+				t.Fatal(err)
+			}
+			if info.Metadata["leases"] != "true" || info.Metadata["replica"] == "" {
+				problems = append(problems, fmt.Sprintf("service metadata %v", info.Metadata))
+			}
+			for _, e := range info.Endpoints {
+				if prev, dup := endpoints[e.Name]; dup {
+					problems = append(problems, fmt.Sprintf("device %s has endpoints on %s and %s", e.Name, prev, info.Metadata["instance"]))
+				}
+				endpoints[e.Name] = e.Metadata["owner"]
+			}
 		}
-	}
-	sub.Unsubscribe()
-	for dev, inst := range endpoints {
-		if m := rs.owners(0, 1, 2); len(m[dev]) != 1 || fmt.Sprintf("r%d", m[dev][0]) != inst {
-			t.Errorf("$SRV.INFO says %s serves %s", inst, dev)
+		m := rs.owners(0, 1, 2)
+		for dev, inst := range endpoints {
+			if len(m[dev]) != 1 || fmt.Sprintf("r%d", m[dev][0]) != inst {
+				problems = append(problems, fmt.Sprintf("$SRV.INFO says %s serves %s", inst, dev))
+			}
 		}
+		return endpoints, problems
 	}
-	if len(endpoints) != 12 {
-		t.Errorf("$SRV.INFO lists %d devices, want 12", len(endpoints))
+	var problems []string
+	waitFor(t, "$SRV.INFO to list the 12 devices", func() bool {
+		var endpoints map[string]string
+		endpoints, problems = srvInfo()
+		return len(endpoints) == 12 || len(problems) > 0
+	})
+	for _, p := range problems {
+		t.Error(p)
 	}
 	if st, err := c.Status(ctxFor(t), "d00"); err != nil || !st.Leases || st.Owner == "" {
 		t.Errorf("status with leases: %+v, %v", st, err)
