@@ -579,6 +579,16 @@ func (w *ReplyWriter) Inform(args ...any) error {
 	return w.conn.send(&m)
 }
 
+// informArgs sends an in-response inform whose arguments are bytes
+// already, which it does not keep.
+func (w *ReplyWriter) informArgs(args [][]byte) error {
+	if w.replied.Load() {
+		return ErrAlreadyReplied
+	}
+	m := Message{Type: TypeInform, Name: w.name, MID: w.mid, Args: args}
+	return w.conn.send(&m)
+}
+
 // Reply sends "!name[mid] ok args...".
 func (w *ReplyWriter) Reply(args ...any) error {
 	return w.Respond("ok", args...)

@@ -303,13 +303,30 @@ func (s *Server) reqSensorList(ctx context.Context, w *ReplyWriter, r *Request) 
 	if err != nil {
 		return err
 	}
-	args := make([]any, 0, 8)
+	// The informs are built from the sensors' strings in buffers reused
+	// for each: thousands of sensors cost no allocation each.
+	var buf []byte
+	var ends []int
+	var args [][]byte
 	for _, sn := range list {
-		args = append(args[:0], sn.info.Name, sn.info.Description, sn.info.Units, sn.info.Type)
-		for _, p := range sn.info.Params {
-			args = append(args, p)
+		buf, ends = buf[:0], ends[:0]
+		for _, a := range [...]string{sn.info.Name, sn.info.Description, sn.info.Units, sn.info.Type.String()} {
+			buf = append(buf, a...)
+			ends = append(ends, len(buf))
 		}
-		w.Inform(args...)
+		for _, p := range sn.info.Params {
+			buf = append(buf, p...)
+			ends = append(ends, len(buf))
+		}
+		args = args[:0]
+		start := 0
+		for _, end := range ends { // once buf is complete: appends may have moved it
+			args = append(args, buf[start:end])
+			start = end
+		}
+		if err := w.informArgs(args); err != nil {
+			return err
+		}
 	}
 	return w.Reply(len(list))
 }
