@@ -12,15 +12,7 @@ import (
 // BenchmarkRoundTrip is one request at a time through a client and a
 // server on 127.0.0.1 (allocations include both sides).
 func BenchmarkRoundTrip(b *testing.B) {
-	dev := katcptest.NewDevice(b, katcp.ServerConfig{})
-	dev.Handle("echo", "?echo x", func(ctx context.Context, w *katcp.ReplyWriter, r *katcp.Request) error {
-		return w.Reply(r.Args[0])
-	})
-	c, err := katcp.Dial(context.Background(), dev.Addr(), katcp.ClientConfig{NoReconnect: true})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer c.Close()
+	c := echoClient(b)
 	ctx := context.Background()
 	b.ReportAllocs()
 	for b.Loop() {
@@ -33,15 +25,7 @@ func BenchmarkRoundTrip(b *testing.B) {
 // BenchmarkRoundTripParallel is 100 requests in flight on one connection
 // (message ids), the shape of the 100-in-flight row of katcp-bench.
 func BenchmarkRoundTripParallel(b *testing.B) {
-	dev := katcptest.NewDevice(b, katcp.ServerConfig{})
-	dev.Handle("echo", "?echo x", func(ctx context.Context, w *katcp.ReplyWriter, r *katcp.Request) error {
-		return w.Reply(r.Args[0])
-	})
-	c, err := katcp.Dial(context.Background(), dev.Addr(), katcp.ClientConfig{NoReconnect: true})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer c.Close()
+	c := echoClient(b)
 	ctx := context.Background()
 	b.ReportAllocs()
 	b.SetParallelism(100 / runtime.GOMAXPROCS(0))
@@ -53,4 +37,18 @@ func BenchmarkRoundTripParallel(b *testing.B) {
 			}
 		}
 	})
+}
+
+// echoClient connects a client to a device with ?echo x, closed with b.
+func echoClient(b *testing.B) *katcp.Client {
+	dev := katcptest.NewDevice(b, katcp.ServerConfig{})
+	dev.Handle("echo", "?echo x", func(ctx context.Context, w *katcp.ReplyWriter, r *katcp.Request) error {
+		return w.Reply(r.Args[0])
+	})
+	c, err := katcp.Dial(context.Background(), dev.Addr(), katcp.ClientConfig{NoReconnect: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { c.Close() })
+	return c
 }

@@ -182,6 +182,32 @@ type EchoServer struct {
 
 // StartEchoServer listens on 127.0.0.1.
 func StartEchoServer() (*EchoServer, error) {
+	return startLineServer(func(s *EchoServer, c net.Conn) {
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			defer c.Close()
+			r := bufio.NewReader(c)
+			w := bufio.NewWriter(c)
+			for {
+				line, err := r.ReadSlice('\n')
+				if err != nil {
+					return
+				}
+				w.Write(line)
+				if r.Buffered() == 0 {
+					if w.Flush() != nil {
+						return
+					}
+				}
+			}
+		}()
+	})
+}
+
+// startLineServer listens on 127.0.0.1 and hands each connection to
+// serve, which starts its goroutines (counted in s.wg).
+func startLineServer(serve func(s *EchoServer, c net.Conn)) (*EchoServer, error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, err
@@ -195,25 +221,7 @@ func StartEchoServer() (*EchoServer, error) {
 			if err != nil {
 				return
 			}
-			s.wg.Add(1)
-			go func() {
-				defer s.wg.Done()
-				defer c.Close()
-				r := bufio.NewReader(c)
-				w := bufio.NewWriter(c)
-				for {
-					line, err := r.ReadSlice('\n')
-					if err != nil {
-						return
-					}
-					w.Write(line)
-					if r.Buffered() == 0 {
-						if w.Flush() != nil {
-							return
-						}
-					}
-				}
-			}()
+			serve(s, c)
 		}
 	}()
 	return s, nil
@@ -251,45 +259,31 @@ func RawPingPong(addr string, d time.Duration) (float64, error) {
 // every line and hands it to a worker goroutine, which writes the echo.
 // No KATCP, no pool, no bookkeeping: the cost of the two goroutines alone.
 func StartHandoffEchoServer() (*EchoServer, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return nil, err
-	}
-	s := &EchoServer{ln: ln}
-	s.wg.Add(1)
-	go func() {
-		defer s.wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
+	return startLineServer(func(s *EchoServer, c net.Conn) {
+		lines := make(chan []byte, 1)
+		s.wg.Add(2)
+		go func() { // worker
+			defer s.wg.Done()
+			for line := range lines {
+				if _, err := c.Write(line); err != nil {
+					c.Close()
+				}
 			}
-			lines := make(chan []byte, 1)
-			s.wg.Add(2)
-			go func() { // worker
-				defer s.wg.Done()
-				for line := range lines {
-					if _, err := c.Write(line); err != nil {
-						c.Close()
-					}
+		}()
+		go func() { // reader
+			defer s.wg.Done()
+			defer c.Close()
+			defer close(lines)
+			r := bufio.NewReader(c)
+			for {
+				line, err := r.ReadSlice('\n')
+				if err != nil {
+					return
 				}
-			}()
-			go func() { // reader
-				defer s.wg.Done()
-				defer c.Close()
-				defer close(lines)
-				r := bufio.NewReader(c)
-				for {
-					line, err := r.ReadSlice('\n')
-					if err != nil {
-						return
-					}
-					lines <- append([]byte(nil), line...)
-				}
-			}()
-		}
-	}()
-	return s, nil
+				lines <- append([]byte(nil), line...)
+			}
+		}()
+	})
 }
 
 // HandoffPingPong measures one line at a time against a
