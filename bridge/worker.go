@@ -37,11 +37,9 @@ type worker struct {
 	sensorPubs *pubBatch    // sensor updates' publications
 	informPubs *pubBatch    // informs' publications
 
-	sensorOuts  sync.Map     // sensor name -> *sensorOut
-	nSensorOuts atomic.Int32 // entries in sensorOuts
-	spanNames   sync.Map     // request name -> its hop span's name
-	nSpanNames  atomic.Int32 // entries in spanNames
-	statSub     *nats.Subscription
+	sensorOuts cache[*sensorOut] // by sensor name
+	spanNames  cache[string]     // request name -> its hop span's name
+	statSub    *nats.Subscription
 
 	tried   atomic.Bool    // a first connection attempt has ended
 	ready   chan struct{}  // closed once start has set up client
@@ -329,8 +327,30 @@ func (w *worker) sensorUpdate(u katcp.SensorUpdate) {
 	}
 }
 
-// maxCached bounds each of a worker's caches (sensor outputs, span names).
+// cache holds values made per name, read without a lock. It keeps at
+// most maxCached of them; beyond that, values are made each time.
+type cache[V any] struct {
+	m sync.Map
+	n atomic.Int32 // entries in m
+}
+
+// maxCached bounds each of a worker's caches.
 const maxCached = 1 << 16
+
+// get returns the value for key: the cached one if valid accepts it, else
+// one made by make (and cached).
+func (c *cache[V]) get(key string, valid func(V) bool, make func() V) V {
+	if v, ok := c.m.Load(key); ok && valid(v.(V)) {
+		return v.(V)
+	}
+	v := make()
+	if c.n.Load() < maxCached {
+		if _, loaded := c.m.Swap(key, v); !loaded {
+			c.n.Add(1)
+		}
+	}
+	return v
+}
 
 // sensorOut is what every update of one sensor shares: the subject and
 // the start of the document.
@@ -342,22 +362,13 @@ type sensorOut struct {
 
 // sensorOut returns the subject and document head of a sensor's updates.
 func (w *worker) sensorOut(name string, t katcp.SensorType) *sensorOut {
-	if v, ok := w.sensorOuts.Load(name); ok {
-		if out := v.(*sensorOut); out.typ == t {
-			return out
+	return w.sensorOuts.get(name, func(out *sensorOut) bool { return out.typ == t }, func() *sensorOut {
+		return &sensorOut{
+			subject: w.b.scheme.Sensor(w.dev.Name, name),
+			typ:     t,
+			head:    appendSensorHead(nil, w.dev.Name, name, t),
 		}
-	}
-	out := &sensorOut{
-		subject: w.b.scheme.Sensor(w.dev.Name, name),
-		typ:     t,
-		head:    appendSensorHead(nil, w.dev.Name, name, t),
-	}
-	if w.nSensorOuts.Load() < maxCached {
-		if _, loaded := w.sensorOuts.Swap(name, out); !loaded {
-			w.nSensorOuts.Add(1)
-		}
-	}
-	return out
+	})
 }
 
 // sensorBufs holds buffers for sensor documents.
@@ -422,16 +433,7 @@ var (
 // made once per request name (the names are the device's, which prepare
 // has checked when the device's list is known).
 func (w *worker) hopSpanName(request string) string {
-	if s, ok := w.spanNames.Load(request); ok {
-		return s.(string)
-	}
-	s := "katcp " + request
-	if w.nSpanNames.Load() < maxCached {
-		if _, loaded := w.spanNames.LoadOrStore(request, s); !loaded {
-			w.nSpanNames.Add(1)
-		}
-	}
-	return s
+	return w.spanNames.get(request, func(string) bool { return true }, func() string { return "katcp " + request })
 }
 
 // bigReply is the number of in-response informs above which a reply is

@@ -2,6 +2,7 @@ package katcp
 
 import (
 	"fmt"
+	"maps"
 	"sync"
 	"sync/atomic"
 )
@@ -181,10 +182,10 @@ type handlerTable struct {
 // c.mu is held.
 func (c *Client) updateHandlersLocked(modify func(*handlerTable)) {
 	old := c.handlers.Load()
-	t := &handlerTable{byName: make(map[string][]*informHandler, len(old.byName)+1), unhandled: old.unhandled}
-	for name, hs := range old.byName {
-		t.byName[name] = hs // slices are copied by those who change them
-	}
+	// The slices are shared with the old table: modify may append to one
+	// (that writes past what the old table sees) or build a new one, but
+	// never overwrites an element.
+	t := &handlerTable{byName: maps.Clone(old.byName), unhandled: old.unhandled}
 	modify(t)
 	c.handlers.Store(t)
 }

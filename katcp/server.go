@@ -173,8 +173,8 @@ type Server struct {
 	doneCh     chan struct{}
 	connWG     sync.WaitGroup
 
-	jobs        chan job       // to idle workers; closed once no connection is left (workers exit)
-	workerWG    sync.WaitGroup // workers
+	jobs        chan *pendingRequest // to idle workers; closed once no connection is left (workers exit)
+	workerWG    sync.WaitGroup       // workers
 	quitOnce    sync.Once
 	disconnects atomic.Uint64
 }
@@ -192,7 +192,7 @@ func NewServer(cfg ServerConfig) *Server {
 		conns:     make(map[*serverConn]struct{}),
 		logLevel:  LogInfo,
 		doneCh:    make(chan struct{}),
-		jobs:      make(chan job),
+		jobs:      make(chan *pendingRequest),
 	}
 	s.addStandardRequests()
 	s.publishRequestsLocked() // no other goroutine has s yet
@@ -443,12 +443,6 @@ func (s *Server) Close() error {
 	return nil
 }
 
-// job is one request for a worker.
-type job struct {
-	c  *serverConn
-	rq *pendingRequest
-}
-
 // pendingRequest is a request read and its reply writer, in one
 // allocation.
 type pendingRequest struct {
@@ -467,28 +461,35 @@ func newPendingRequest(c *serverConn, m Message) *pendingRequest {
 // dispatch hands a request to an idle worker, or starts a new one.
 // Workers outlive their request so that their grown stacks are reused;
 // there are at most MaxPending of them, and they exit with the server.
-func (s *Server) dispatch(j job) {
+func (s *Server) dispatch(rq *pendingRequest) {
 	select {
-	case s.jobs <- j:
+	case s.jobs <- rq:
 	default:
 		s.workerWG.Add(1)
-		go s.worker(j)
+		go s.worker(rq)
 	}
 }
 
-func (s *Server) worker(j job) {
+func (s *Server) worker(rq *pendingRequest) {
 	defer s.workerWG.Done()
 	for {
-		s.handle(j.c.ctx, j.rq)
-		j.c.active.Add(-1)
-		<-s.pending
-		j.c.handlers.Done()
-		j = job{} // an idle worker keeps no request alive
+		s.serveRequest(rq)
+		rq = nil // an idle worker keeps no request alive
 		var ok bool
-		if j, ok = <-s.jobs; !ok {
+		if rq, ok = <-s.jobs; !ok {
 			return
 		}
 	}
+}
+
+// serveRequest handles a request read by a connection's read loop and
+// releases what the read loop took for it.
+func (s *Server) serveRequest(rq *pendingRequest) {
+	c := rq.conn
+	s.handle(c.ctx, rq)
+	c.active.Add(-1)
+	<-s.pending
+	c.handlers.Done()
 }
 
 func (s *Server) stopWorkers() {

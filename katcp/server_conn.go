@@ -305,11 +305,8 @@ func (c *serverConn) serve() {
 		seqDone = make(chan struct{})
 		go func() {
 			defer close(seqDone)
-			for m := range c.seq {
-				s.handle(c.ctx, m)
-				c.active.Add(-1)
-				<-s.pending
-				c.handlers.Done()
+			for rq := range c.seq {
+				s.serveRequest(rq)
 			}
 		}()
 	}
@@ -379,7 +376,7 @@ func (c *serverConn) readLoop() (gone bool) {
 			c.seq <- newPendingRequest(c, msg)
 			continue
 		}
-		s.dispatch(job{c: c, rq: newPendingRequest(c, msg)})
+		s.dispatch(newPendingRequest(c, msg))
 	}
 }
 

@@ -346,26 +346,36 @@ func BridgeRows(o Options) ([]Row, error) {
 		return nil, err
 	}
 	defer raw.Close()
-	stopPipelined, err := idealPipelined(url, "idealp", echo.Addr(), 10, false, false)
-	if err != nil {
-		return nil, err
-	}
-	defer stopPipelined()
 	kdev, err := startDevice(0)
 	if err != nil {
 		return nil, err
 	}
 	defer kdev.close()
-	stopKATCP, err := idealPipelined(url, "idealn", kdev.addr, 10, true, false)
-	if err != nil {
-		return nil, err
+	// The best any bridge can do in the 100-in-flight row, against the
+	// same baseline: the ideal bridge, pipelined; then with what the row
+	// and the contract add, one at a time (a KATCP device, the
+	// Katcp-Status header on replies).
+	refs := []struct {
+		prefix, addr              string
+		katcpDevice, statusHeader bool
+		name, note                string
+		subjects                  [10]string
+	}{
+		{prefix: "idealp", addr: echo.Addr(), name: "  reference: ideal bridge, pipelined, 100 in flight", note: "two hops and nothing else: the ceiling of the row above"},
+		{prefix: "idealn", addr: kdev.addr, katcpDevice: true, name: "  reference: the same, KATCP device", note: "the ceiling with our katcp.Server as the device"},
+		{prefix: "idealk", addr: kdev.addr, katcpDevice: true, statusHeader: true, name: "  reference: the same, KATCP device, status header", note: "and with the reply header the contract requires"},
 	}
-	defer stopKATCP()
-	stopContract, err := idealPipelined(url, "idealk", kdev.addr, 10, true, true)
-	if err != nil {
-		return nil, err
+	for i := range refs {
+		ref := &refs[i]
+		stop, err := idealPipelined(url, ref.prefix, ref.addr, len(ref.subjects), ref.katcpDevice, ref.statusHeader)
+		if err != nil {
+			return nil, err
+		}
+		defer stop()
+		for j := range ref.subjects {
+			ref.subjects[j] = fmt.Sprintf("%s.%d", ref.prefix, j)
+		}
 	}
-	defer stopContract()
 	rawTraced, err := rawNATSResponder(url, rawSubject(true), true)
 	if err != nil {
 		return nil, err
@@ -383,12 +393,9 @@ func BridgeRows(o Options) ([]Row, error) {
 		return nil, err
 	}
 	defer bb.close()
-	var tenSubjects, idealSubjects, katcpSubjects, contractSubjects [10]string
+	var tenSubjects [10]string
 	for i := range tenSubjects {
 		tenSubjects[i] = fmt.Sprintf("katcp.d%03d.req.echo", i)
-		idealSubjects[i] = fmt.Sprintf("idealp.%d", i)
-		katcpSubjects[i] = fmt.Sprintf("idealn.%d", i)
-		contractSubjects[i] = fmt.Sprintf("idealk.%d", i)
 	}
 	// natsRaw measures the raw NATS side of row k, with a traceparent
 	// header on each reply or publication or not.
@@ -442,19 +449,7 @@ func BridgeRows(o Options) ([]Row, error) {
 			}
 			rows = append(rows, Row{Name: "bridge: 100 in flight over 10 devices (" + label + ")", Baseline: "raw NATS 100 in flight", Base: b, Ours: u, Unit: "req/s", Ratio: u / b, Target: 0.7, Higher: true, Spread: spread})
 			if !traced {
-				// The best any bridge can do here, against the same
-				// baseline: the ideal bridge, pipelined; then with what
-				// the row and the contract add, one at a time (a KATCP
-				// device, the Katcp-Status header on replies).
-				for _, ref := range []struct {
-					subjects *[10]string
-					name     string
-					note     string
-				}{
-					{&idealSubjects, "  reference: ideal bridge, pipelined, 100 in flight", "two hops and nothing else: the ceiling of the row above"},
-					{&katcpSubjects, "  reference: the same, KATCP device", "the ceiling with our katcp.Server as the device"},
-					{&contractSubjects, "  reference: the same, KATCP device, status header", "and with the reply header the contract requires"},
-				} {
+				for _, ref := range refs {
 					b, u, spread, err := o.pair(natsRaw("inflight", false), func() (float64, error) {
 						return natsRequests(url, "", o.Duration, 100, func(i int) string { return ref.subjects[i%10] })
 					})
